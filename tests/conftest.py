@@ -1,0 +1,49 @@
+"""Shared test fixtures: a byte-level tokenizer with a ChatML template and tiny random models,
+all built in-process (no network, no files)."""
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_tokenizer():
+    """Every byte is one token (ids 0-255) plus three specials: small, offline, lossless."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]})
+    tok.chat_template = CHATML
+    return tok
+
+
+def make_model(arch="llama", vocab_size=259, seed=0, **over):
+    """A tiny random causal LM of the given architecture (llama, mistral, qwen2, qwen3)."""
+    import transformers as tf
+    cfg_cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config,
+               "qwen3": tf.Qwen3Config}[arch]
+    kw = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+              tie_word_embeddings=True, bos_token_id=256, eos_token_id=257, pad_token_id=258)
+    kw.update(over)
+    torch.manual_seed(seed)
+    return tf.AutoModelForCausalLM.from_config(cfg_cls(**kw)).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture
+def tiny_model(tokenizer):
+    return make_model(vocab_size=len(tokenizer))
