@@ -30,7 +30,7 @@ class DataError(ValueError):
 
 NAMES = ["Mia", "Noah", "Ava", "Liam", "Zoe", "Omar", "Lena", "Ravi", "Sara", "Tom", "Iris", "Kai"]
 ITEMS = ["apples", "marbles", "stickers", "books", "coins", "pencils", "cards", "shells", "stamps", "cookies"]
-LEVELS = {1: dict(ops=1, lo=2, hi=60), 2: dict(ops=2, lo=2, hi=90), 3: dict(ops=3, lo=2, hi=120)}
+LEVELS = {1: dict(ops=1, lo=2, hi=20), 2: dict(ops=2, lo=2, hi=50), 3: dict(ops=3, lo=2, hi=100)}
 TEST_FRACTION = 5  # one question text in 5 (by hash) belongs to the test split
 
 

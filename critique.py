@@ -1,0 +1,540 @@
+"""Second-order rollout (arXiv 2602.22765, sections 2-3, 5-7): the policy critiques its own answers.
+
+    pairs = pairs_from_rollout(samples, records, rewards, rng)  # label-balance filter: 1 right + 1 wrong / question
+    cache.push(pairs)                                           # QRCache: always exactly 1:1 right:wrong
+    crits = second_order_rollout(sampler, tok, cache.pop(P), m) # m critiques per pair, rewards of Eq. 2 (+ Eq. 4)
+
+What is here, top to bottom:
+  - critique / refinement prompts (CFT style, the paper's Figure 6 fields). The critic sees the question and the
+    response, never the reference answer: the prompt functions do not take one.
+  - `QRCache`, the question-response data cache with the paper's 1:1 label balance.
+  - `pairs_from_rollout` and `second_order_rollout`, including denoising by self-correction (Eq. 4).
+  - static pairs for C-RL (section 7: 10 responses per question sampled once from the starting policy).
+  - cold-start data (section 6, DESIGN.md section 3): for the built-in `arith` task a program is the teacher.
+  - `load_critique_data`: critique evaluation sets (`gsm8k-solutions:PATH.jsonl`, `jsonl:PATH`).
+
+Deliberately not done: refinement tokens are never trained (the paper uses them for the reward only), and the
+critique's intermediate steps are not verified (outcome reward, as in the paper). `rollout` (and so torch) is
+imported only by the functions that sample, so prompts, cache and data files work without it.
+"""
+import json
+import os
+import random
+import re
+from fractions import Fraction
+from pathlib import Path
+
+import reward
+from data import DataError, chat_ids, read_jsonl
+
+# ----------------------------------------------------------------------------- prompts
+
+# Named critique prompts; a template may use {question} and {response} only (there is no {answer} on purpose).
+CRITIQUE_TEMPLATES = {
+    # the fields of the paper's cold-start distillation prompt (Figure 6)
+    "default": ("#Question#:\n{question}\n\n#Solution#:\n{response}\n\n#Instruction#:\n"
+                "Verify the solution step by step: check the reasoning and the arithmetic of every step. "
+                "Then judge whether the solution is correct. End your answer with the line \"Conclusion: right [END]\" "
+                "if the solution is correct, or \"Conclusion: wrong [END]\" if it is wrong."),
+    # CFT's original instruction (Wang et al. 2025c): expert persona, brief explanation, the same last line
+    "cft": ("Please critique whether the following solution to the question is correct.\n\n"
+            "Question:\n{question}\n\nSolution:\n{response}\n\n"
+            "As an expert, explain briefly whether the student's answer is correct, then conclude with "
+            "\"Conclusion: right [END]\" or \"Conclusion: wrong [END]\"."),
+}
+
+# Self-correction prompt for denoising (Eq. 4); the paper prints none. {question} {response} {critique}.
+REFINE_TEMPLATES = {
+    "default": ("#Question#:\n{question}\n\n#Solution#:\n{response}\n\n#Critique#:\n{critique}\n\n#Instruction#:\n"
+                "If the critique found an error, write a corrected solution step by step. If it found none, "
+                "restate the solution. Give the final answer as \\boxed{{number}}."),
+}
+
+
+def _fill(templates, template, what, **fields):
+    text = templates.get(template or "default", template)
+    for name in fields:
+        if "{" + name + "}" not in text:
+            raise ValueError(f"{what} template must contain {{{name}}} (named templates: {sorted(templates)})")
+    try:
+        return text.format(**fields)
+    except (KeyError, IndexError) as e:
+        raise ValueError(f"{what} template may use only {', '.join('{%s}' % f for f in fields)} "
+                         f"(never the reference answer); it has {{{e.args[0]}}}") from None
+
+
+def critique_prompt(tokenizer, question, response, template=None):
+    """Token ids of the critique prompt for one <question, response> (chat template via data.chat_ids).
+    `template`: a name in CRITIQUE_TEMPLATES or a format string with {question} and {response}."""
+    return chat_ids(tokenizer, critique_text(question, response, template))
+
+
+def critique_text(question, response, template=None):
+    """The critique prompt's user text (before the chat template)."""
+    return _fill(CRITIQUE_TEMPLATES, template, "critique", question=question.strip(), response=response.strip())
+
+
+def refine_prompt(tokenizer, question, response, critique, template=None):
+    """Token ids of the self-correction prompt (Eq. 4): revise the solution if the critique found an error,
+    else restate it, final answer in \\boxed{}."""
+    return chat_ids(tokenizer, _fill(REFINE_TEMPLATES, template, "refine", question=question.strip(),
+                                     response=response.strip(), critique=critique.strip()))
+
+
+# ----------------------------------------------------------------------------- the question-response cache
+
+class QRCache:
+    """The question-response data cache (paper section 2): <question, response, label> pairs that passed the
+    label-balance filter, sampled without replacement for second-order rollout.
+
+    Invariant: it always holds exactly as many right as wrong pairs.
+      - `push` takes balanced lists only (the filter's output: one right + one wrong per question).
+      - `pop(k)` returns k//2 right and k//2 wrong pairs, each drawn at random (own seeded random.Random)
+        among those held, interleaved right, wrong, right, ...; an odd k gives k-1 pairs, and when fewer
+        are held it returns all of them.
+      - over `capacity` pairs, the oldest right and the oldest wrong pair are evicted together (oldest-first
+        by push order), so the effective capacity is the even number <= capacity.
+    Right and wrong pairs drawn together need not share a question (pops are random within each label).
+    `state_dict()` is JSON-serialisable (pairs, counters and the rng state) for checkpoints."""
+
+    def __init__(self, capacity=4096, seed=0):
+        if capacity < 2:
+            raise ValueError(f"QRCache capacity must be >= 2, got {capacity}")
+        self.capacity = int(capacity)
+        self.rng = random.Random(seed)
+        self.right, self.wrong = [], []  # each in push order: index 0 is the oldest
+        self.pushed = self.popped = self.evicted = 0
+
+    def __len__(self):
+        return len(self.right) + len(self.wrong)
+
+    def push(self, pairs):
+        """Add balanced pairs (dicts with question, response, label: bool, answer)."""
+        pairs = list(pairs)
+        right = [p for p in pairs if p["label"]]
+        wrong = [p for p in pairs if not p["label"]]
+        if len(right) != len(wrong):
+            raise ValueError(f"QRCache.push needs as many right as wrong pairs (the balance filter's output); "
+                             f"got {len(right)} right, {len(wrong)} wrong")
+        self.right += right
+        self.wrong += wrong
+        self.pushed += len(pairs)
+        while len(self) > self.capacity:
+            self.right.pop(0)
+            self.wrong.pop(0)
+            self.evicted += 2
+
+    def _take(self, pool, k):
+        idx = self.rng.sample(range(len(pool)), k)  # random order, no repeats
+        chosen = [pool[i] for i in idx]
+        gone = set(idx)
+        pool[:] = [p for i, p in enumerate(pool) if i not in gone]  # keeps push order for eviction
+        return chosen
+
+    def pop(self, k):
+        """Remove and return up to k pairs: k//2 right and k//2 wrong, interleaved."""
+        h = min(max(int(k), 0) // 2, len(self.right))
+        right, wrong = self._take(self.right, h), self._take(self.wrong, h)
+        self.popped += 2 * h
+        return [p for rw in zip(right, wrong) for p in rw]
+
+    def stats(self):
+        return dict(size=len(self), n_right=len(self.right), n_wrong=len(self.wrong), pushed=self.pushed,
+                    popped=self.popped, evicted=self.evicted)
+
+    def state_dict(self):
+        version, internal, gauss = self.rng.getstate()
+        return dict(capacity=self.capacity, right=list(self.right), wrong=list(self.wrong),
+                    rng=[version, list(internal), gauss], pushed=self.pushed, popped=self.popped,
+                    evicted=self.evicted)
+
+    def load_state_dict(self, state):
+        self.capacity = int(state["capacity"])
+        self.right, self.wrong = [dict(p) for p in state["right"]], [dict(p) for p in state["wrong"]]
+        if len(self.right) != len(self.wrong):
+            raise ValueError("QRCache state is not balanced (corrupt checkpoint?)")
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.pushed, self.popped, self.evicted = state["pushed"], state["popped"], state["evicted"]
+
+
+# ----------------------------------------------------------------------------- first -> second order
+
+def pairs_from_rollout(samples, records, rewards, rng):
+    """First-order samples (rollout.first_order_rollout) and their Eq. 1 rewards -> balanced pairs
+    {question, response, label, answer, id} via reward.balance (one right + one wrong per mixed question)."""
+    if len(samples) != len(rewards):
+        raise ValueError(f"{len(samples)} samples but {len(rewards)} rewards")
+    order, groups = [], {}  # q_index -> sample indices, in first-seen order
+    for i, s in enumerate(samples):
+        if s["q_index"] not in groups:
+            order.append(s["q_index"])
+            groups[s["q_index"]] = []
+        groups[s["q_index"]].append(i)
+    pairs = []
+    for gi, ri, label in reward.balance([[rewards[i] for i in groups[q]] for q in order], rng):
+        q = order[gi]
+        rec = records[q]
+        pairs.append(dict(question=rec["question"], response=samples[groups[q][ri]]["text"], label=bool(label),
+                          answer=str(rec["answer"]), id=f"{rec['id']}#r{ri}"))
+    return pairs
+
+
+def _stop_ids(tokenizer, stop_ids):
+    if stop_ids is not None:
+        return stop_ids
+    from rollout import default_stop_ids
+    return default_stop_ids(tokenizer)
+
+
+def second_order_rollout(sampler, tokenizer, pairs, m, scheme="plain", p_correct=None, k_ref=0, stop_ids=None,
+                         template=None, refine_template=None, **gen_kwargs):
+    """Sample `m` critiques of each pair with the policy's Sampler (one `generate` call, prompt-major) and score
+    them. One dict per critique: {pair_index, group (= pair_index), pair_id, prompt_ids, tokens, logprobs, text,
+    verdict, reward, bonus, truncated, length, label}.
+
+    reward = reward.critique_reward(verdict, label, scheme, p_correct) + bonus. With k_ref > 0 (denoising,
+    Eq. 4) the policy writes k_ref refinements of the response given each critique (one more batched call,
+    same gen_kwargs, seed + 1), verified against the pair's gold answer; bonus = reward.denoise_bonus(verdict,
+    k, k_ref) and `refine_correct` = k. Critiques without a verdict get no refinements (Eq. 4 gives them 0).
+    Refinement tokens are not returned for training: the paper uses them for the reward only."""
+    if not pairs:
+        return []
+    if k_ref > 0 and any(p.get("answer") is None for p in pairs):
+        raise ValueError("denoising (k_ref > 0) needs every pair's gold 'answer' to verify refinements")
+    stop_ids = _stop_ids(tokenizer, stop_ids)
+    prompts = [critique_prompt(tokenizer, p["question"], p["response"], template) for p in pairs]
+    outs = sampler.generate(prompts, n=m, stop_ids=stop_ids, **gen_kwargs)
+    if len(outs) != len(pairs) * m:
+        raise RuntimeError(f"sampler returned {len(outs)} critiques for {len(pairs)} pairs x m={m}")
+    crits = []
+    for o in outs:
+        i = o["prompt_index"]
+        text = tokenizer.decode(o["tokens"], skip_special_tokens=True)
+        verdict = reward.extract_verdict(text)
+        label = bool(pairs[i]["label"])
+        crits.append(dict(pair_index=i, group=i, pair_id=pairs[i].get("id"), prompt_ids=prompts[i],
+                          tokens=o["tokens"], logprobs=o["logprobs"], text=text, verdict=verdict,
+                          reward=reward.critique_reward(verdict, label, scheme, p_correct), bonus=0.0,
+                          truncated=o["truncated"], length=o["length"], label=label))
+    if k_ref > 0:
+        todo = [c for c in crits if c["verdict"] is not None]
+        if todo:
+            ref_prompts = [refine_prompt(tokenizer, pairs[c["pair_index"]]["question"],
+                                         pairs[c["pair_index"]]["response"], c["text"], refine_template)
+                           for c in todo]
+            kw = dict(gen_kwargs)
+            if kw.get("seed") is not None:
+                kw["seed"] = kw["seed"] + 1  # a different stream from the critiques'
+            refs = sampler.generate(ref_prompts, n=k_ref, stop_ids=stop_ids, **kw)
+            k = [0] * len(todo)
+            for r in refs:
+                c = todo[r["prompt_index"]]
+                text = tokenizer.decode(r["tokens"], skip_special_tokens=True)
+                k[r["prompt_index"]] += reward.is_correct(text, pairs[c["pair_index"]]["answer"])
+            for c, kc in zip(todo, k):
+                c["refine_correct"] = kc
+        for c in crits:
+            c["bonus"] = reward.denoise_bonus(c["verdict"], c.get("refine_correct", 0), k_ref)
+            c["reward"] += c["bonus"]
+    return crits
+
+
+# ----------------------------------------------------------------------------- static pairs (C-RL)
+
+def build_static_pairs(sampler, tokenizer, records, k=10, seed=0, **gen):
+    """C-RL's static pair set (paper section 7): k responses per question sampled once from the (starting)
+    policy, scored with Eq. 1, then the balance filter (one right + one wrong per mixed question)."""
+    from rollout import first_order_rollout
+    gen.setdefault("seed", seed)
+    samples = first_order_rollout(sampler, tokenizer, records, k, **gen)
+    rewards = [reward.response_reward(s["text"], records[s["q_index"]]["answer"]) for s in samples]
+    pairs = pairs_from_rollout(samples, records, rewards, random.Random(seed))
+    print(f"[critique] static pairs: {len(pairs)} from {len(records)} questions x {k} responses "
+          f"(accuracy {sum(r > 0.5 for r in rewards) / max(len(rewards), 1):.3f})")
+    return pairs
+
+
+def _write_jsonl_atomic(path, rows):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_pairs(path, pairs):
+    """Write pairs as jsonl, atomically (tmp file, then rename)."""
+    _write_jsonl_atomic(path, pairs)
+
+
+_LABELS = {"right": True, "correct": True, "true": True, "1": True,
+           "wrong": False, "incorrect": False, "false": False, "0": False}
+
+
+def _pair(row, where, default_id):
+    """One jsonl row -> a pair; DataError naming `where` for a bad row."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for key in ("question", "response"):
+        if not isinstance(row.get(key), str) or not row[key].strip():
+            raise DataError(f"{where}: missing or empty {key!r}")
+    label = row.get("label")
+    if not isinstance(label, bool):
+        label = _LABELS.get(str(label).strip().lower()) if isinstance(label, (str, int)) else None
+    if label is None:
+        raise DataError(f"{where}: 'label' must be true/false (or right/wrong), got {row.get('label')!r}")
+    answer = row.get("answer")
+    return dict(row, label=label, answer=None if answer is None else str(answer), id=str(row.get("id", default_id)))
+
+
+def load_pairs(path):
+    """Pairs from a jsonl of {question, response, label[, answer, id]}; a bad row is a DataError naming the
+    file and row."""
+    return [_pair(row, f"{path} row {i}", f"{Path(path).stem}-{i}")
+            for i, row in enumerate(read_jsonl(path, "pairs"), 1)]
+
+
+# ----------------------------------------------------------------------------- cold start: the program teacher
+
+_EQ = re.compile(r"(\d+(?:\.\d+)?)\s*([-+*/x×÷])\s*(\d+(?:\.\d+)?)\s*=\s*(-?\d+(?:\.\d+)?)")
+_OPS = {"+": "+", "-": "-", "*": "*", "x": "*", "×": "*", "/": "/", "÷": "/"}
+
+
+def _apply(a, op, b):
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    return a / b if b else None
+
+
+def _num(x):
+    return str(x.numerator) if x.denominator == 1 else str(float(x))
+
+
+def _eq(a, op, b, c=None):
+    return f"{_num(a)} {op} {_num(b)}" + ("" if c is None else f" = {_num(c)}")
+
+
+def _equations(text):
+    """Every `a op b = c` in the text, in order, as (a, op, b, c) Fractions with op in + - * /."""
+    return [(Fraction(a), _OPS[op], Fraction(b), Fraction(c)) for a, op, b, c in _EQ.findall(text)]
+
+
+def _reference(record, where="record"):
+    if not record.get("steps"):
+        raise DataError(f"{where}: the program teacher needs an arith record with 'steps' (got keys "
+                        f"{sorted(record)}); for other data write {{question, response, critique}} jsonl yourself")
+    ref = [_equations(text) for text, _ in record["steps"]]
+    if not all(len(e) == 1 for e in ref):
+        raise DataError(f"{where}: cannot parse steps {record['steps']!r}")
+    return [e[0] for e in ref]
+
+
+def teacher_critique(record, response_text):
+    """A step-by-step critique of `response_text` written by a program that knows the arith record's steps.
+
+    It redoes the reference computation step by step, compares each step with the response's own `a op b = c`
+    lines where it can (an arithmetic slip, or right arithmetic on the wrong numbers when the response has as
+    many steps as the reference), points out the first wrong step, compares final answers and ends with
+    `Conclusion: right [END]` or `Conclusion: wrong [END]`. The verdict is reward.is_correct(response, gold),
+    so it always agrees with the label the reward uses."""
+    ref = _reference(record)
+    gold = str(record["answer"])
+    ok = reward.is_correct(response_text, gold)
+    got = reward.extract_answer(response_text)
+    eqs = _equations(response_text)
+    aligned = len(eqs) == len(ref)
+    lines = ["Let me solve the problem myself and check the solution step by step."]
+    flagged = False
+    for i, (a, op, b, c) in enumerate(ref):
+        line = f"Step {i + 1}: {_eq(a, op, b, c)}."
+        if i < len(eqs) and not flagged:
+            ea, eop, eb, ec = eqs[i]
+            true = _apply(ea, eop, eb)
+            if true != ec:  # an arithmetic slip in the response
+                if not ok:
+                    line += (f" The solution writes {_eq(ea, eop, eb, ec)}, but "
+                             + (f"{_eq(ea, eop, eb)} = {_num(true)}" if true is not None else "that is undefined")
+                             + ". This step is wrong"
+                             + (", and the error carries into the later steps." if i + 1 < len(ref) else "."))
+                    flagged = True
+            elif ec == c:
+                line += " The solution has the same result here."
+            elif aligned and not ok:  # right arithmetic on the wrong numbers
+                line += (f" The solution computes {_eq(ea, eop, eb, ec)} instead, which does not follow from the "
+                         f"question. This step is wrong.")
+                flagged = True
+        lines.append(line)
+    if got is None:
+        lines.append(f"The correct answer is {gold}, but the solution gives no final answer.")
+    else:
+        lines.append(f"The correct answer is {gold}. The solution's final answer is {got}, which "
+                     + ("matches." if ok else "does not match."))
+    lines.append(f"Conclusion: {'right' if ok else 'wrong'} [END]")
+    return "\n".join(lines)
+
+
+def _render(steps, final, style, record):
+    """A solution text for steps [(a, op, b, c)] ending in \\boxed{final}, in one of three styles."""
+    eqs = [_eq(*s) for s in steps]
+    if style == "program":  # the record's own format, final sentence with `final` put in
+        last = record["solution"].strip().split("\n")[-1] if record.get("solution") else "The answer is \\boxed{}."
+        last = re.sub(r"\\boxed\{[^{}]*\}", lambda _: f"\\boxed{{{final}}}", last)
+        last = re.sub(rf"\bhas {re.escape(str(record['answer']))} ", f"has {final} ", last)
+        return "\n".join([f"Step {i + 1}: {e}." for i, e in enumerate(eqs)] + [last])
+    if style == "prose":
+        words = ["First", "Next", "Then", "After that"]
+        body = ([f"We compute {eqs[0]}."] if len(eqs) == 1 else
+                [f"{words[min(i, 3)] if i < len(eqs) - 1 else 'Finally'}, {e}." for i, e in enumerate(eqs)])
+        return "\n".join(body + [f"So the answer is \\boxed{{{final}}}."])
+    return "\n".join(eqs + [f"Answer: \\boxed{{{final}}}"])  # compact
+
+
+STYLES = ("program", "prose", "compact")
+WRONG_KINDS = ("arith", "operand", "final")  # slip in a result / wrong number used / wrong final number
+
+
+def _corrupt(ref, rng, kind):
+    """A wrong solution from the reference steps: (steps, final). `arith`: one result is off and later steps
+    carry the error; `operand`: one step uses a wrong number, error carried; `final`: right steps, wrong final
+    number. Falls back to `final` when no exact integer corruption is found."""
+    gold = ref[-1][3]
+    for _ in range(40 if kind != "final" else 0):
+        j = rng.randrange(len(ref))
+        steps = [list(s) for s in ref]
+        a, op, b, c = steps[j]
+        d = rng.choice([-10, -3, -2, -1, 1, 2, 3, 10])
+        if kind == "arith":
+            steps[j][3] = c + d
+        else:  # operand
+            if b + d < 1:
+                continue
+            steps[j][2] = b + d
+            steps[j][3] = _apply(a, op, b + d)
+        for i in range(j + 1, len(steps)):
+            steps[i][0] = steps[i - 1][3]
+            steps[i][3] = _apply(*steps[i][:3])
+        vals = [s[3] for s in steps]
+        if all(v is not None and v >= 0 and v.denominator == 1 for v in vals) and vals[-1] != gold:
+            return [tuple(s) for s in steps], _num(vals[-1])
+    while True:
+        d = rng.choice([-10, -2, -1, 1, 2, 10])
+        if gold + d >= 0:
+            return list(ref), _num(gold + d)
+
+
+def synth_response(record, rng, right=True, kind=None, style=None):
+    """A synthetic response to an arith record: right (the program solution in one of STYLES) or wrong
+    (kind in WRONG_KINDS, random when None)."""
+    ref = _reference(record)
+    style = style or rng.choice(STYLES)
+    if right:
+        return _render(ref, _num(ref[-1][3]), style, record)
+    steps, final = _corrupt(ref, rng, kind or rng.choice(WRONG_KINDS))
+    return _render(steps, final, style, record)
+
+
+def cold_start_data(records, out_path, responses=None, seed=0, n_wrong=1, generation=True):
+    """Write the SFT cold-start jsonl (contract "SFT / cold-start jsonl") for arith records:
+      - critique rows {question, response, critique, label}: teacher_critique of each response, label from
+        reward.is_correct; the file has exactly as many right as wrong critique rows;
+      - generation rows {question, response} with the program solution (`generation=False` leaves them out),
+        so one file teaches the answer format and the critique format.
+    Responses to critique: `responses[i]` (a list of texts, or one text, sampled by the policy for records[i])
+    when given; the scarcer label is then topped up with synthetic responses. Without `responses`, each record
+    gets `n_wrong` synthetic wrong responses (a corrupted step with the error carried, or a wrong final number)
+    and as many right ones (the program solution in paraphrased styles). Rows are shuffled (seeded).
+    Returns counts {path, n_critique, n_right, n_wrong, n_generation, n_policy}."""
+    rng = random.Random(seed)
+    if responses is not None and len(responses) != len(records):
+        raise ValueError(f"responses has {len(responses)} entries for {len(records)} records")
+    for i, rec in enumerate(records):
+        _reference(rec, f"cold_start_data record {i} ({rec.get('id')})")
+    items = []  # (record index, response text)
+    if responses is not None:
+        for i, rs in enumerate(responses):
+            items += [(i, r) for r in ([rs] if isinstance(rs, str) else rs)]
+    n_policy = len(items)
+    crit = [(i, r, reward.is_correct(r, records[i]["answer"])) for i, r in items]
+    if responses is None:
+        for i, rec in enumerate(records):
+            for _ in range(n_wrong):
+                crit.append((i, synth_response(rec, rng, right=True), True))
+                crit.append((i, synth_response(rec, rng, right=False), False))
+    n_right = sum(lab for _, _, lab in crit)
+    short, need = (True, len(crit) - 2 * n_right) if 2 * n_right < len(crit) else (False, 2 * n_right - len(crit))
+    order = list(range(len(records)))
+    rng.shuffle(order)
+    for j in range(need):  # top up the scarcer label
+        i = order[j % len(order)]
+        crit.append((i, synth_response(records[i], rng, right=short), short))
+    rows = []
+    for i, resp, label in crit:
+        if reward.is_correct(resp, records[i]["answer"]) != label:
+            raise RuntimeError(f"synthetic response labelled {label} but reward says otherwise: {resp!r}")
+        text = teacher_critique(records[i], resp)
+        assert reward.extract_verdict(text) == ("right" if label else "wrong"), text
+        rows.append(dict(question=records[i]["question"], response=resp, critique=text, label=label))
+    if generation:
+        rows += [dict(question=r["question"], response=r["solution"]) for r in records]
+    rng.shuffle(rows)
+    _write_jsonl_atomic(out_path, rows)
+    n_r = sum(1 for r in rows if r.get("label") is True)
+    return dict(path=str(out_path), n_critique=len(crit), n_right=n_r, n_wrong=len(crit) - n_r,
+                n_generation=len(records) if generation else 0, n_policy=n_policy)
+
+
+# ----------------------------------------------------------------------------- critique evaluation data
+
+def _gsm8k_solutions(path, seed=0, limit=None):
+    """Balanced pairs from a GSM8K model-solutions jsonl: for each question with at least one right and one
+    wrong model solution, one of each (seeded choice); questions with one label only are skipped."""
+    rng = random.Random(seed)
+    stem, pairs = Path(path).stem, []
+    for i, row in enumerate(read_jsonl(path, "gsm8k-solutions"), 1):
+        where = f"{path} row {i}"
+        if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not row["question"].strip():
+            raise DataError(f"{where}: missing or empty 'question'")
+        m = re.search(r"(?:^|\n)\s*A:\s*(.+?)\s*$", str(row.get("ground_truth", "")))
+        if not m:
+            raise DataError(f"{where}: 'ground_truth' does not end with an 'A: x' line")
+        sols = {k: v for k, v in row.items() if isinstance(v, dict)}
+        if not sols:
+            raise DataError(f"{where}: no model solutions (dicts with 'is_correct' and 'solution')")
+        right, wrong = [], []
+        for name, s in sols.items():
+            if not isinstance(s.get("is_correct"), bool) or not isinstance(s.get("solution"), str):
+                raise DataError(f"{where}: solution {name!r} needs a bool 'is_correct' and a str 'solution'")
+            (right if s["is_correct"] else wrong).append((name, s["solution"]))
+        if right and wrong:
+            gold = m.group(1).replace(",", "")
+            for label, (name, text) in ((True, rng.choice(right)), (False, rng.choice(wrong))):
+                pairs.append(dict(question=row["question"].strip(), response=text, label=label, answer=gold,
+                                  id=f"{stem}-{i - 1}:{name}"))
+            if limit and len(pairs) >= 2 * limit:
+                break
+    if not pairs:
+        raise DataError(f"{path}: no question has both a right and a wrong solution")
+    return pairs
+
+
+def load_critique_data(spec, seed=0, limit=None):
+    """Critique evaluation pairs {question, response, label, answer, id} for a SPEC:
+        gsm8k-solutions:PATH.jsonl   balanced: one right + one wrong model solution per question that has both
+        jsonl:PATH                   rows {question, response, label[, answer, id]}
+    `limit` caps the number of questions (gsm8k-solutions) or rows (jsonl)."""
+    kind, _, arg = str(spec).partition(":")
+    if kind == "gsm8k-solutions" and arg:
+        return _gsm8k_solutions(arg, seed, limit)
+    if kind == "jsonl" and arg:
+        pairs = load_pairs(arg)
+        return pairs[:limit] if limit else pairs
+    raise DataError(f"unknown critique data spec {spec!r}; expected gsm8k-solutions:PATH.jsonl or jsonl:PATH")
