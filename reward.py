@@ -162,6 +162,13 @@ def _parse_gold(gold):  # the same gold is compared with n responses
     return parse(f"${gold}$", parsing_timeout=None)
 
 
+@lru_cache(maxsize=1)
+def _warm_up():
+    """math-verify's first call builds its LaTeX parser and imports sympy parts (~0.5 s, more on a busy
+    machine): pay that once, outside the per-comparison deadline, so it never turns a right answer wrong."""
+    verify(parse("$x^2+2x+1$", parsing_timeout=None), parse("$(x+1)^2$", parsing_timeout=None), timeout_seconds=None)
+
+
 def _math_equal(gold, pred):
     return verify(_parse_gold(gold), parse(f"${pred}$", parsing_timeout=None), timeout_seconds=None)
 
@@ -199,6 +206,7 @@ def is_correct(text, gold, markers=DEFAULT_MARKERS, strict=False, time_limit=TIM
     if len(p) > MAX_ANSWER_CHARS or _too_deep(p) or _too_deep(g):
         return False
     try:
+        _warm_up()
         if _has_timer():
             return bool(_within(time_limit, lambda: _math_equal(g, p)))
         if _EXPLOSIVE.search(p):  # no way to interrupt sympy here: refuse what could run for hours
