@@ -1,0 +1,447 @@
+"""eval.py: pure metrics on hand-made inputs, the balanced critique set, --compare / --plot on a run dir,
+the JSON schema of an end-to-end eval of a tiny random model, and the bad-input cases."""
+import json
+import random
+
+import pytest
+
+import eval as ev
+from conftest import SHARED, make_model, make_tokenizer
+
+# ----------------------------------------------------------------------------- pure metrics
+
+
+def test_classification_metrics_hand_counted():
+    # idx:       0        1        2        3        4        5     6        7
+    verdicts = ["right", "right", "right", "wrong", "wrong", None, "wrong", "wrong"]
+    labels = [True, True, False, True, False, True, False, False]
+    m = ev.classification_metrics(verdicts, labels)
+    # tp = {0,1}, fp = {2}, tn = {4,6,7}, fn = {3,5} (no verdict on a right response is a miss)
+    assert (m["tp"], m["fp"], m["tn"], m["fn"], m["n"]) == (2, 1, 3, 2, 8)
+    assert m["accuracy"] == pytest.approx(5 / 8)
+    assert m["precision"] == pytest.approx(2 / 3)
+    assert m["recall"] == pytest.approx(2 / 4)
+    assert m["f1"] == pytest.approx(4 / 7)  # 2PR/(P+R) = (2/3)/(7/6)
+    assert m["format_rate"] == pytest.approx(7 / 8)
+    assert m["wrong_rate"] == pytest.approx(4 / 8)
+    assert m["undefined"] == {}
+
+
+def test_classification_metrics_never_a_verdict():
+    m = ev.classification_metrics([None] * 4, [True, False, True, False])
+    assert m["format_rate"] == 0.0 and m["wrong_rate"] == 0.0
+    assert m["accuracy"] == 0.0  # no verdict counts as a wrong call
+    assert m["precision"] is None and "precision" in m["undefined"]  # 0/0 -> null, not ZeroDivisionError
+    assert m["recall"] == 0.0  # 0 of 2 right responses called right
+    assert m["f1"] is None and "f1" in m["undefined"]
+    z = ev.classification_metrics([None] * 4, [True, False, True, False], zero_division=0.0)
+    assert (z["precision"], z["recall"], z["f1"]) == (0.0, 0.0, 0.0) and "precision" in z["undefined"]
+
+
+def test_classification_metrics_zero_division_cases():
+    # no right responses: recall 0/0
+    m = ev.classification_metrics(["wrong", "right"], [False, False])
+    assert m["recall"] is None and "recall" in m["undefined"] and m["precision"] == 0.0 and m["accuracy"] == 0.5
+    # always inverted: P = R = 0, F1 = 0/0
+    m = ev.classification_metrics(["wrong", "right"], [True, False])
+    assert m["precision"] == 0.0 and m["recall"] == 0.0 and m["f1"] is None and "f1" in m["undefined"]
+    assert ev.classification_metrics(["wrong"], [True], zero_division=0.0)["f1"] == 0.0
+    # empty input: everything null, no crash
+    e = ev.classification_metrics([], [])
+    assert e["accuracy"] is None and e["format_rate"] is None
+    with pytest.raises(ValueError):
+        ev.classification_metrics(["maybe"], [True])
+    with pytest.raises(ValueError):
+        ev.classification_metrics(["right"], [True, False])
+
+
+def test_normalize_and_majority_vote():
+    assert ev.normalize_answer("$1,000.00") == ev.normalize_answer("1000") == "1000"
+    assert ev.normalize_answer("0.5") == ev.normalize_answer("1/2") == "1/2"
+    assert ev.normalize_answer("\\text{Even} ") == "even"
+    assert ev.normalize_answer(None) is None and ev.normalize_answer("  ") is None
+    assert ev.majority_vote(["7", "18", "$18.00", None, None, None, "7"]) == ("7", 0)  # tie 2-2: first seen
+    assert ev.majority_vote([None, "3", "4", "4"]) == ("4", 2)  # None casts no vote (3 Nones would not win)
+    assert ev.majority_vote([None, None]) == (None, None)
+    assert ev.majority_vote([]) == (None, None)
+
+
+def test_critique_guided_select_constructed_votes():
+    answers = ["5", "7", "7.0", "9"]
+    assert ev.critique_guided_select(answers, [1, 2, 0, 2]) == 1  # 2-2 tie: "7" has the bigger cluster
+    assert ev.critique_guided_select(answers, [3, 1, 1, 1]) == 0  # votes beat the majority
+    assert ev.critique_guided_select(answers, [0, 0, 0, 0]) == 1  # no votes: majority vote, first of cluster
+    assert ev.critique_guided_select(["4", "5"], [1, 1]) == 0  # full tie: earlier sample
+    assert ev.critique_guided_select([None, "3"], [1, 1]) == 1  # no answer = cluster size 0
+    assert ev.critique_guided_select([None, "3"], [2, 1]) == 0  # but votes still win
+    assert ev.critique_guided_select([], []) is None
+    with pytest.raises(ValueError):
+        ev.critique_guided_select(["1"], [])
+
+
+def _r(answer, correct, votes=0, length=10, truncated=False):
+    return dict(answer=answer, correct=correct, right_votes=votes, boxed=answer is not None, length=length,
+                truncated=truncated)
+
+
+def test_selection_metrics_constructed():
+    groups = [
+        [_r("5", False, 0), _r("7", False, 1), _r("7", False, 1), _r("9", True, 3)],  # votes pick the right one
+        [_r("3", True, 0), _r("3", True, 0), _r("4", False, 0)],  # no votes: majority (right)
+        [_r(None, False, 0), _r(None, False, 0)],  # nobody answers
+        [_r("8", True, 1), _r("6", False, 0)],  # 1-1 vote tie in answers, votes pick the right one
+    ]
+    s = ev.selection_metrics(groups)
+    assert s["n_questions"] == 4 and s["k"] == 4
+    assert s["pass_at_1"] == pytest.approx(4 / 11)
+    assert s["majority_at_k"] == pytest.approx(2 / 4)  # q0 majority "7" wrong, q1 right, q2 none, q3 "8" (first)
+    assert s["critique_selected"] == pytest.approx(3 / 4)
+    assert s["pass_at_k"] == pytest.approx(3 / 4)
+
+
+def test_generation_metrics_constructed():
+    greedy = [_r("1", True, length=4), _r(None, False, length=8, truncated=True), _r("3", False, length=6)]
+    samples = [[_r("1", True), _r("2", False)], [_r("5", True), _r("5", True)], [_r(None, False), _r("3", False)]]
+    g = ev.generation_metrics(greedy, samples)
+    assert g["n_questions"] == 3 and g["k"] == 2
+    assert g["accuracy"] == pytest.approx(1 / 3)
+    assert g["boxed_rate"] == pytest.approx(2 / 3) and g["answer_rate"] == pytest.approx(2 / 3)
+    assert g["mean_length"] == pytest.approx(6) and g["truncation_rate"] == pytest.approx(1 / 3)
+    assert g["mean_accuracy"] == pytest.approx(3 / 6)
+    assert g["majority_accuracy"] == pytest.approx(2 / 3)  # q0 tie -> "1" (right), q1 "5", q2 "3" wrong
+    assert g["pass_at_k"] == pytest.approx(2 / 3)
+    assert ev.generation_metrics(greedy)["mean_accuracy"] is None
+
+
+def test_critique_metrics_block_with_denoise_bonus():
+    crits = [dict(verdict="right", label=True, bonus=0.1, length=5, truncated=False),
+             dict(verdict="wrong", label=False, bonus=0.7, length=7, truncated=False),
+             dict(verdict="wrong", label=True, bonus=0.0, length=9, truncated=True),
+             dict(verdict=None, label=False, bonus=0.0, length=3, truncated=True)]
+    pairs = [dict(label=True), dict(label=False)]
+    b = ev.critique_metrics(crits, pairs, "x", c=2, k_ref=1)
+    assert tuple(b) == ev.CRIT_KEYS
+    assert b["accuracy"] == 0.5 and b["reward"] == pytest.approx(0.35)  # two right calls x 0.7 / 4
+    assert b["denoised_reward"] == pytest.approx((0.7 + 0.1 + 0.7 + 0.7) / 4)
+    assert b["precision"] == 1.0 and b["recall"] == 0.5 and b["format_rate"] == 0.75 and b["wrong_rate"] == 0.5
+    assert b["n_right"] == b["n_wrong"] == 1 and b["n_critiques"] == 4 and b["truncation_rate"] == 0.5
+    assert ev.critique_metrics(crits, pairs, "x", c=2, k_ref=0)["denoised_reward"] is None
+
+
+# ----------------------------------------------------------------------------- balanced critique sets
+
+
+def test_balanced_pairs_synthetic():
+    rows = ([dict(question="q1", response=f"a{i}", label=i < 2) for i in range(3)]
+            + [dict(question="q2", response=f"b{i}", label=True) for i in range(3)]  # all right: dropped
+            + [dict(question="q3", response=f"c{i}", label=False) for i in range(2)]  # all wrong: dropped
+            + [dict(question="q4", response=f"d{i}", label=i == 0) for i in range(3)])
+    pairs = ev.balanced_pairs(rows, seed=3)
+    assert [p["question"] for p in pairs] == ["q1", "q1", "q4", "q4"]
+    assert [p["label"] for p in pairs] == [True, False, True, False]
+    assert pairs[0]["response"] in ("a0", "a1") and pairs[1]["response"] == "a2" and pairs[2]["response"] == "d0"
+    assert ev.balanced_pairs(pairs, seed=9) == pairs  # already balanced: unchanged
+    assert ev.balanced_pairs([r for r in rows if r["question"] in ("q2", "q3")]) == []
+
+
+def _raw_labels(path):
+    """question -> set of is_correct labels, read straight from the gsm8k model-solutions file."""
+    out = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        out[row["question"]] = {v["is_correct"] for v in row.values() if isinstance(v, dict) and "is_correct" in v}
+    return out
+
+
+def test_gsm8k_solutions_balanced_set_is_one_to_one():
+    path = SHARED / "model_solutions_dev.jsonl"
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    pytest.importorskip("critique")
+    pairs = ev.load_critique_set(f"gsm8k-solutions:{path}", seed=0)
+    raw = _raw_labels(path)
+    both = {q for q, labels in raw.items() if labels == {True, False}}
+    assert len(pairs) == 2 * len(both) > 0
+    per_q = {}
+    for p in pairs:
+        per_q.setdefault(p["question"].strip(), []).append(p["label"])
+    assert set(per_q) == {q.strip() for q in both}  # only questions with both labels, all of them
+    assert all(sorted(v) == [False, True] for v in per_q.values())  # exactly one right and one wrong each
+    assert sum(p["label"] for p in pairs) == len(pairs) // 2
+    assert ev.load_critique_set(f"gsm8k-solutions:{path}", seed=0, limit=5) == pairs[:10]
+
+
+# ----------------------------------------------------------------------------- --compare and --plot
+
+
+def _fake_result(label, data, gen_acc, crit_acc, source=None, denoised=None):
+    return {"model": f"runs/{label}/final", "data": data, "critique_data": None, "label": label,
+            "generation": dict(ev.null_block(ev.GEN_KEYS, None), accuracy=gen_acc, majority_accuracy=gen_acc),
+            "critique": dict(ev.null_block(ev.CRIT_KEYS, None), source=source or f"self:{data}", accuracy=crit_acc,
+                             denoised_reward=denoised),
+            "selection": ev.null_block(ev.SEL_KEYS, "skipped"), "config": {}}
+
+
+METRIC_ROWS = [
+    {"step": 1, "reward/response": 0.1, "acc/response": 0.1, "reward/critique": 0.35, "critic/precision": 0.5,
+     "critic/recall": 0.4, "critic/wrong_rate": 0.6, "len/response": 50, "len/critique": 80, "kl": 0.0,
+     "frac_reward_zero_std": 0.5},
+    {"step": 2, "reward/response": 0.3, "acc/response": 0.3, "reward/critique": 0.45, "critic/precision": 0.6,
+     "critic/recall": 0.5, "critic/wrong_rate": 0.5, "len/response": 48, "len/critique": 70, "kl": 0.01,
+     "frac_reward_zero_std": 0.25, "time/rollout1": 3.0, "time/update": 2.0, "eval/acc/response": 0.2},
+]
+
+
+def _fake_run(tmp_path, name, rows, results):
+    run = tmp_path / name
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    for i, res in enumerate(results):
+        (run / f"eval-{i}.json").write_text(json.dumps(res))
+    return run
+
+
+def test_compare_table_from_run_dirs(tmp_path, capsys):
+    gc = _fake_run(tmp_path, "gc", METRIC_ROWS, [_fake_result("GC-RL", "arith", 0.5, 0.75, denoised=0.9),
+                                                  _fake_result("GC-RL", "gsm8k:/x/test_dev.jsonl", 0.25, 0.625)])
+    g = _fake_run(tmp_path, "g", METRIC_ROWS, [_fake_result("G-RL", "arith", 0.375, None)])
+    loose = tmp_path / "sft.json"
+    loose.write_text(json.dumps(_fake_result(None, "arith", 0.125, 0.5)))
+    assert ev.main(["--compare", str(g), str(gc), str(loose)]) == 0
+    out = capsys.readouterr().out
+    assert "**Generation accuracy (greedy, %)**" in out and "**Critique accuracy (balanced, %)**" in out
+    assert "| method | arith | gsm8k:test_dev | Avg |" in out
+    assert "| GC-RL | 50.0 | 25.0 | 37.5 |" in out
+    assert "| G-RL | 37.5 | – | – |" in out  # missing dataset: no average
+    assert "| sft | 12.5 | – | – |" in out  # row label from the file name when the JSON has none
+    crit = out.split("**Critique accuracy")[1].split("**")[1]
+    assert "| GC-RL | 75.0 | 62.5 | 68.8 |" in crit and "G-RL" not in crit  # a row with no critique numbers is left out
+    assert "**Denoised critique reward (Table 5)**" in out and "| GC-RL | 0.900 |\n" in out  # columns per block
+    assert "selection" not in out.lower()  # every selection value null: block left out
+
+
+def test_plot_run_dir(tmp_path, capsys):
+    run = _fake_run(tmp_path, "gc", METRIC_ROWS + ["{not json"], [])
+    assert ev.main(["--plot", str(run)]) == 0
+    pngs = {p.name for p in (run / "plots").glob("*.png")}
+    assert {"reward.png", "critic.png", "length.png", "kl.png", "frac_zero_std.png", "time.png", "eval.png"} <= pngs
+    assert all((run / "plots" / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in pngs)
+    assert "skipped 1 unreadable line" in capsys.readouterr().out
+    g_rows = [{k: v for k, v in r.items() if "critic" not in k} for r in METRIC_ROWS]  # a G-RL run
+    written = ev.plot_run(_fake_run(tmp_path, "g", g_rows, []))
+    assert "critic.png" not in {p.name for p in written} and "reward.png" in {p.name for p in written}
+
+
+# ----------------------------------------------------------------------------- end to end + bad input
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    tok = make_tokenizer()
+    make_model(vocab_size=len(tok)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+FAST = ["--max-new-tokens", "6", "--critique-max-new-tokens", "6", "--batch", "16"]
+
+
+def test_end_to_end_json_schema(tiny_dir, tmp_path, capsys):
+    pytest.importorskip("critique")
+    out = tmp_path / "res.json"
+    argv = ["--model", str(tiny_dir), "--data", "arith", "--limit", "4", "--k", "2", "--out", str(out)] + FAST
+    assert ev.main(argv) == 0
+    res = json.loads(out.read_text())
+    assert set(res) >= {"model", "data", "generation", "critique", "selection", "config"}
+    assert res["model"] == str(tiny_dir) and res["data"] == "arith"
+    assert tuple(res["generation"]) == ev.GEN_KEYS
+    assert tuple(res["critique"]) == ev.CRIT_KEYS and tuple(res["selection"]) == ev.SEL_KEYS
+    g = res["generation"]
+    assert g["n_questions"] == 4 and g["k"] == 2 and 0 <= g["accuracy"] <= 1 and 1 <= g["mean_length"] <= 6
+    # a random model gets nothing right: no question has both labels -> empty set, null metrics with a reason
+    assert res["critique"]["accuracy"] is None and "empty balanced critique set" in res["critique"]["reason"]
+    s = res["selection"]
+    assert s["n_questions"] == 4 and s["k"] == 2 and s["critique_samples"] == 1 and s["reason"] is None
+    assert res["config"]["limit"] == 4 and res["config"]["model_path"] == str(tiny_dir)
+    printed = capsys.readouterr().out
+    assert "-- generation" in printed and "empty balanced critique set" in printed
+
+
+def test_model_that_never_emits_a_verdict(tiny_dir, tmp_path):
+    """A random model on a real (balanced) critique set: format rate 0, accuracy 0, precision null."""
+    critique = pytest.importorskip("critique")
+    rows = [dict(question=f"What is {i} + 1?", response=f"{i} + 1 = {i + 1 + (j % 2)}. \\boxed{{{i + 1 + (j % 2)}}}",
+                 label=j % 2 == 0) for i in range(2) for j in range(2)]
+    path = tmp_path / "crit.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(critique.load_critique_data(f"jsonl:{path}")) == 4
+    out = tmp_path / "res.json"
+    argv = ["--model", str(tiny_dir), "--data", "arith", "--limit", "2", "--k", "0", "--critique-data",
+            f"jsonl:{path}", "--out", str(out)] + FAST
+    assert ev.main(argv) == 0
+    c = json.loads(out.read_text())["critique"]
+    assert c["n_pairs"] == 4 and c["n_right"] == c["n_wrong"] == 2 and c["reason"] is None
+    assert c["format_rate"] == 0.0 and c["accuracy"] == 0.0 and c["precision"] is None and "precision" in c["undefined"]
+    assert c["recall"] == 0.0 and c["reward"] == 0.0
+
+
+def test_not_a_model_dir(tmp_path, capsys):
+    bad = tmp_path / "not_a_model"
+    bad.mkdir()
+    (bad / "notes.txt").write_text("hi")
+    with pytest.raises(ev.EvalError, match="not_a_model: not a model directory"):
+        ev.resolve_model_path(str(bad))
+    assert ev.main(["--model", str(bad), "--limit", "1"]) == 2
+    assert str(bad) in capsys.readouterr().err
+    assert ev.resolve_model_path("smollm2-135m") == "smollm2-135m"  # aliases / hub ids pass through
+
+
+def test_resolve_run_and_checkpoint_dirs(tmp_path):
+    for sub in ("checkpoint-2/model", "checkpoint-10/model"):
+        (tmp_path / "run" / sub).mkdir(parents=True)
+        (tmp_path / "run" / sub / "config.json").write_text("{}")
+    assert ev.resolve_model_path(str(tmp_path / "run")) == str(tmp_path / "run" / "checkpoint-10" / "model")
+    assert ev.resolve_model_path(str(tmp_path / "run" / "checkpoint-2")) == str(tmp_path / "run/checkpoint-2/model")
+    (tmp_path / "run" / "final").mkdir()
+    (tmp_path / "run" / "final" / "config.json").write_text("{}")
+    assert ev.resolve_model_path(str(tmp_path / "run")) == str(tmp_path / "run" / "final")
+
+
+def test_plot_and_compare_bad_dirs(tmp_path, capsys):
+    assert ev.main(["--plot", str(tmp_path)]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert ev.main(["--plot", str(tmp_path)]) == 2
+    assert "no metric rows" in capsys.readouterr().err
+    assert ev.main(["--compare", str(tmp_path)]) == 2
+    assert "no eval*.json" in capsys.readouterr().err
+    (tmp_path / "eval.json").write_text(json.dumps({"hello": 1}))
+    assert ev.main(["--compare", str(tmp_path)]) == 2
+    assert "not an eval.py result" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- evaluate() wiring, scripted model
+
+
+def test_evaluate_wiring_with_a_scripted_model(monkeypatch):
+    """evaluate() with the sampler replaced by scripted responses and critiques: every number is hand-known.
+    The critic says "right" exactly when the response contains "sure"."""
+    import critique
+    import rollout
+    import data
+    recs = data.load_data("arith", split="test", limit=2)
+    g0, g1 = int(recs[0]["answer"]), int(recs[1]["answer"])
+    scripts = {1: [["\\boxed{%d}" % g0], ["no answer"]],  # greedy: q0 right, q1 unanswered
+               3: [["\\boxed{%d} sure" % g0, "\\boxed{%d}" % (g0 + 1), "\\boxed{%d}" % (g0 + 1)],
+                   ["\\boxed{%d} sure" % (g1 + 2), "\\boxed{%d}" % g1, "\\boxed{%d} sure" % (g1 + 5)]]}
+
+    def fake_rollout(sampler, tok, records, n, **gen):
+        assert (gen["temperature"] == 0.0) == (n == 1)
+        return [dict(q_index=q, id=records[q]["id"], text=t, length=len(t), truncated=False, tokens=[], logprobs=[],
+                     prompt_ids=[]) for q in range(len(records)) for t in scripts[n][q]]
+
+    calls = []
+
+    def fake_critic(sampler, tok, pairs, m, scheme="plain", k_ref=0, **gen):
+        calls.append((len(pairs), m, k_ref))
+        out = []
+        for i, p in enumerate(pairs):
+            for _ in range(m):
+                v = "right" if "sure" in p["response"] else "wrong"
+                out.append(dict(pair_index=i, verdict=v, label=p["label"], length=5, truncated=False,
+                                bonus=0.1 * k_ref if v == "right" else 0.0))
+        return out
+
+    monkeypatch.setattr(rollout, "Sampler", lambda *a, **k: None)
+    monkeypatch.setattr(rollout, "first_order_rollout", fake_rollout)
+    monkeypatch.setattr(critique, "second_order_rollout", fake_critic)
+    args = ev.build_parser().parse_args(["--data", "arith", "--limit", "2", "--k", "3"])
+    res = ev.evaluate(None, None, args, log=lambda *a: None)
+    g, c, s = res["generation"], res["critique"], res["selection"]
+    assert g["accuracy"] == 0.5 and g["answer_rate"] == 0.5 and g["mean_accuracy"] == pytest.approx(2 / 6)
+    assert g["majority_accuracy"] == 0.0 and g["pass_at_k"] == 1.0  # q0 majority g0+1; q1 1-1-1 tie -> first
+    assert calls == [(6, 1, 0)]  # one critique pass over all samples; the self set reuses it
+    # self set: q0 right "sure" -> right (TP), q0 wrong -> wrong (TN); q1 right (no "sure") -> wrong (FN),
+    # q1 wrong (both "sure") -> right (FP)
+    assert c["source"] == "self:arith" and c["n_pairs"] == 4 and c["n_right"] == 2
+    assert (c["accuracy"], c["precision"], c["recall"], c["wrong_rate"]) == (0.5, 0.5, 0.5, 0.5)
+    assert c["reward"] == pytest.approx(0.35) and c["denoised_reward"] is None
+    # votes: q0 [1,0,0] -> the right answer; q1 [1,0,1] -> tie, equal clusters -> first (wrong)
+    assert (s["pass_at_1"], s["majority_at_k"], s["critique_selected"], s["pass_at_k"]) == \
+        (pytest.approx(2 / 6), 0.0, 0.5, 1.0)
+    assert s["greedy"] == 0.5 and s["critique_samples"] == 1
+
+    calls.clear()
+    args = ev.build_parser().parse_args(["--limit", "2", "--k", "3", "--k-ref", "2", "--critique-samples", "2"])
+    c = ev.evaluate(None, None, args, log=lambda *a: None)["critique"]
+    assert calls == [(6, 2, 0), (4, 2, 2)]  # denoising needs its own pass with refinements
+    assert c["n_critiques"] == 8 and c["samples_per_pair"] == 2
+    assert c["denoised_reward"] == pytest.approx((2 * 0.9 + 2 * 0.7 + 0 + 2 * 0.2) / 8)
+
+
+def test_empty_critique_file_gives_null_metrics(tiny_dir, tmp_path, capsys):
+    pytest.importorskip("critique")
+    path = tmp_path / "all_right.jsonl"
+    path.write_text("".join(json.dumps(dict(question=f"q{i}", response="\\boxed{1}", label=True)) + "\n"
+                            for i in range(3)))
+    out = tmp_path / "res.json"
+    argv = ["--model", str(tiny_dir), "--limit", "1", "--k", "0", "--critique-data", f"jsonl:{path}",
+            "--out", str(out), "--dtype", "bf16"] + FAST
+    assert ev.main(argv) == 0
+    res = json.loads(out.read_text())
+    c = res["critique"]
+    assert c["n_pairs"] == 0 and c["accuracy"] is None and c["precision"] is None
+    assert "no question has both" in c["reason"] and tuple(c) == ev.CRIT_KEYS
+    assert res["selection"]["reason"].startswith("needs --k >= 2")
+    assert "critique metrics are null" in capsys.readouterr().out
+    assert res["config"]["dtype"] == "bf16" and res["generation"]["n_questions"] == 1
+
+
+# ----------------------------------------------------------------------------- --experiment wiring
+
+
+def test_experiment_wiring_tiny(tiny_dir, tmp_path, capsys):
+    """The whole --experiment pipeline on a tiny random model, one step of everything: the cold start, the
+    three RL runs from its final model, a shared critique test set, an eval JSON per method, the table."""
+    pytest.importorskip("train")
+    import critique
+    import data
+    # a random model gets nothing right, so C-RL could not build its own static pairs: give it program-written ones
+    rng = random.Random(0)
+    recs = data.load_data("arith", limit=2)
+    static = tmp_path / "static.jsonl"
+    critique.save_pairs(static, [dict(question=r["question"], response=critique.synth_response(r, rng, right=lab),
+                                      label=lab, answer=r["answer"]) for r in recs for lab in (True, False)])
+    root = tmp_path / "exp"
+    tiny = ["--max-completion-length", "4", "--max-critique-length", "4", "--num-generations", "2",
+            "--pairs-per-step", "2", "--critiques-per-pair", "2", "--sampler-batch", "16", "--log-every", "0"]
+    argv = ["--experiment", str(root), "--model", str(tiny_dir), "--train-limit", "4", "--cold-start-n", "2",
+            "--sft-steps", "1", "--sft-batch", "2", "--rl-steps", "1", "--questions", "2", "--limit", "2", "--k", "2",
+            "--static-pairs", str(static), "--train-args"] + tiny
+    argv[argv.index("--limit"):argv.index("--limit")] = FAST
+    assert ev.main(argv) == 0
+    cold = [json.loads(x) for x in (root / "cold_start.jsonl").read_text().splitlines()]
+    assert {r["question"] for r in cold}.isdisjoint({r["question"] for r in data.load_data("arith", limit=4)})
+    for mode in ("sft", "g", "c", "gc"):
+        assert (root / mode / "final" / "config.json").is_file() and (root / mode / "metrics.jsonl").is_file()
+        cfg = json.loads((root / mode / "config.json").read_text())
+        assert cfg["mode"] == mode
+        if mode != "sft":  # same start, questions, steps and questions per step for every RL method
+            assert cfg["model"] == str(root / "sft" / "final") and cfg["limit"] == 4 and cfg["max_steps"] == 1
+            assert cfg["questions_per_step"] == 2 and cfg["num_generations"] == 2
+        res = json.loads((root / mode / "eval-arith.json").read_text())
+        assert res["critique"]["source"] == f"jsonl:{root / 'critique_test.jsonl'}"
+        assert res["critique"]["n_pairs"] == 4  # 2 test questions, program-written top-up: 1 right + 1 wrong each
+    table = (root / "table.md").read_text()
+    for label in ("w/o RL", "C-RL", "G-RL", "GC-RL"):
+        assert f"| {label} |" in table
+    assert "**Critique accuracy (balanced, %)**" in table and table in capsys.readouterr().out
+    # real run dirs: --plot draws their curves, --compare reads their eval JSONs
+    assert (root / "c" / "plots" / "critic.png").is_file() and (root / "g" / "plots" / "reward.png").is_file()
+    assert not (root / "g" / "plots" / "critic.png").exists()
+    assert ev.main(["--compare", str(root / "g"), str(root / "gc")]) == 0
+    out = capsys.readouterr().out
+    assert "| G-RL |" in out and "| GC-RL |" in out and "| C-RL |" not in out
+    # a second call finds everything done and only rebuilds the table
+    assert ev.main(argv) == 0 and "train.py --mode" not in capsys.readouterr().out
