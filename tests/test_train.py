@@ -1,0 +1,402 @@
+"""train.py: the GRPO advantage / loss against hand-computed values, the trainer's log-probs against the
+sampler's, and whole runs of train.main on a tiny model (one GC-RL step, a step without pairs, SFT, C-RL,
+exact resume, SIGTERM). The 2-process test is in test_multiprocess.py.
+
+A random tiny model never writes a right answer or a verdict, so the runs use one of two test doubles:
+  - ScriptedSampler (stands in for rollout.Sampler): canned responses, right (short) or wrong (long), and critiques
+    saying "right" or "wrong", chosen from the prompt and sample index only (batch-invariant, so any split
+    over ranks samples the same texts); log-probs are the model's own, so the sampler-trainer gap is ~0.
+    The real rewards, verdict parser, filter and cache then see mixed groups in both halves.
+  - hash_rewards: the real Sampler, with reward.response_reward / reward.extract_verdict replaced by a hash
+    of the text (mixed rewards from random text; exercises the sampler's seeding).
+"""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import critique
+import reward
+import rollout
+import train
+from conftest import make_model, make_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTRACT_KEYS = ["step", "reward/response", "acc/response", "reward/critique", "acc/critique", "critic/precision",
+                 "critic/recall", "critic/wrong_rate", "critic/format_rate", "frac_reward_zero_std", "cache/size",
+                 "len/response", "len/critique", "trunc/response", "trunc/critique", "entropy", "clip_ratio", "kl",
+                 "grad_norm", "loss", "lr", "logprob_gap", "tokens_per_s", "time/rollout1", "time/rollout2",
+                 "time/score", "time/update", "time/step"]
+NOISY = ("time/", "tokens_per_s")  # wall-clock metrics: never compared
+
+
+# ----------------------------------------------------------------------------- test doubles and fixtures
+
+class ScriptedSampler:
+    """rollout.Sampler's interface with canned completions (see module docstring)."""
+
+    def __init__(self, model, max_batch=64, max_len=1024):
+        self.model, self.tok = model, make_tokenizer()
+        self.stats = {}
+
+    def text(self, prompt, j):
+        h = zlib.crc32(bytes(str(prompt), "utf-8")) + j
+        p = self.tok.decode(prompt)
+        if "Conclusion:" in p and "#Critique#" not in p:  # a critique prompt (not a refinement)
+            return f"Checked.\nConclusion: {'right' if h % 2 else 'wrong'} [END]"
+        return "\\boxed{7}" if h % 2 else "3 + 4 = 8. The answer is \\boxed{8}."  # right ones are shorter
+
+    @torch.no_grad()
+    def generate(self, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0, stop_ids=None,
+                 seed=None):
+        out = []
+        for i, p in enumerate(prompts):
+            for j in range(n):
+                toks = self.tok(self.text(p, j), add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+                trunc = len(toks) > max_new_tokens
+                toks = toks[:max_new_tokens]
+                logits = self.model(torch.tensor([list(p) + toks])).logits[0, len(p) - 1:-1].float()
+                lp = torch.log_softmax(logits / (temperature or 1.0), -1).gather(-1, torch.tensor(toks)[:, None])
+                out.append(dict(prompt_index=i, tokens=toks, logprobs=lp[:, 0].tolist(), length=len(toks),
+                                truncated=trunc))
+        return out
+
+
+def install_scripted(monkeypatch):
+    monkeypatch.setattr(rollout, "Sampler", ScriptedSampler)
+
+
+def hash_rewards(monkeypatch):
+    """Mixed Eq. 1 rewards and verdicts from random text: a hash decides."""
+    monkeypatch.setattr(reward, "response_reward", lambda text, gold, **kw: float(zlib.crc32(text.encode()) % 2))
+    monkeypatch.setattr(reward, "extract_verdict",
+                        lambda text: ("right", "wrong")[zlib.crc32(text.encode()) % 2])
+
+
+def write_questions(path, n=8):
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"question": f"What is {i} + {7 - i}?", "answer": "7"}) + "\n")
+    return f"jsonl:{path}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Busy 2-core machine: oversubscribed OpenMP threads make tiny matmuls 100x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random llama + the byte tokenizer saved as a local HF dir (what --model takes)."""
+    d = tmp_path_factory.mktemp("tiny") / "model"
+    tok = make_tokenizer()
+    make_model(vocab_size=len(tok)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def qspec(tmp_path_factory):
+    return write_questions(tmp_path_factory.mktemp("data") / "q.jsonl")
+
+
+def base_args(tiny_dir, qspec, out, **over):
+    kw = {"--model": tiny_dir, "--data": qspec, "--out": str(out), "--questions-per-step": 2,
+          "--num-generations": 2, "--pairs-per-step": 2, "--critiques-per-pair": 2, "--max-completion-length": 48,
+          "--max-critique-length": 48, "--learning-rate": 1e-3, "--max-steps": 1, "--log-every": 0}
+    kw.update(over)
+    argv = []
+    for k, v in kw.items():
+        argv += [k] if v is True else [k, str(v)]
+    return argv
+
+
+def metrics(out):
+    return [json.loads(ln) for ln in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def params(path):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+# ----------------------------------------------------------------------------- advantages and loss, by hand
+
+def test_advantages_per_group_hand_values():
+    adv, zero = train.grpo_advantages([1, 0, 0, 1, 0.7, 0.7, 0.7, 0.7, 0.0], list("aaaabbbbc"))
+    std = math.sqrt(4 * 0.25 / 3)  # unbiased std of [1, 0, 0, 1]
+    a = 0.5 / (std + 1e-4)
+    assert torch.allclose(adv, torch.tensor([a, -a, -a, a, 0, 0, 0, 0, 0]), atol=1e-6)
+    assert zero.tolist() == [False] * 4 + [True] * 5  # b: all equal, c: one sample
+    adv, _ = train.grpo_advantages([1, 0, 0, 1, 0.7, 0.0], list("aaaabb"), scale=False)  # Dr. GRPO: no std
+    assert torch.allclose(adv, torch.tensor([0.5, -0.5, -0.5, 0.5, 0.35, -0.35]), atol=1e-6)
+
+
+def test_advantages_shared_group():
+    # --group-mode shared: responses (0/1) and critiques (0 / 0.7) in one normalisation group
+    r = [1.0, 0.0, 0.7, 0.0]
+    adv, zero = train.grpo_advantages(r, [0] * 4)
+    t = torch.tensor(r, dtype=torch.float64)
+    assert torch.allclose(adv, ((t - t.mean()) / (t.std() + 1e-4)).float(), atol=1e-6)
+    assert not zero.any()
+    assert train.grpo_advantages([0.7, 0.7], [0, 0])[1].all()
+
+
+def _loss_example():
+    # ratios [[2, 1], [0.5, 1]], A = [+1, -1], last token of row 1 masked
+    logp = torch.log(torch.tensor([[0.4, 0.3], [0.1, 0.6]])).requires_grad_()
+    old = torch.log(torch.tensor([[0.2, 0.3], [0.2, 0.6]]))
+    return logp, old, torch.tensor([1.0, -1.0]), torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+
+
+def test_grpo_loss_hand_values():
+    logp, old, adv, mask = _loss_example()
+    # per token: row 0: ratio 2, A=+1 -> clipped at 1.28 -> -1.28; ratio 1 -> -1
+    #            row 1: ratio .5, A=-1 -> clipped at .8 -> +0.8; (masked: ratio 1 -> +1)
+    kw = dict(epsilon=0.2, epsilon_high=0.28)
+    loss, st = train.grpo_loss(logp, old, None, adv, mask, loss_type="token-mean", **kw)
+    assert loss.item() == pytest.approx((-1.28 - 1 + 0.8) / 3, abs=1e-6)
+    assert st == dict(tokens=3.0, clipped=2.0, kl=0.0)
+    loss.backward()  # clipped tokens carry no gradient; the unclipped one: d(-rho*A/3)/dlogp = -1/3
+    assert torch.allclose(logp.grad, torch.tensor([[0.0, -1 / 3], [0.0, 0.0]]), atol=1e-6)
+    loss, _ = train.grpo_loss(logp, old, None, adv, mask, loss_type="seq-mean", **kw)
+    assert loss.item() == pytest.approx(((-1.28 - 1) / 2 + 0.8) / 2, abs=1e-6)
+    loss, _ = train.grpo_loss(logp, old, None, adv, mask, loss_type="dr-grpo", max_completion_length=4, **kw)
+    assert loss.item() == pytest.approx((-1.28 - 1 + 0.8) / (2 * 4), abs=1e-6)
+    # symmetric clip (epsilon_high defaults to epsilon): row 0 clips at 1.2
+    loss, _ = train.grpo_loss(logp, old, None, adv, mask, epsilon=0.2)
+    assert loss.item() == pytest.approx((-1.2 - 1 + 0.8) / 3, abs=1e-6)
+    with pytest.raises(ValueError, match="max_completion_length"):
+        train.grpo_loss(logp, old, None, adv, mask, loss_type="dr-grpo")
+
+
+def test_grpo_loss_kl_k3():
+    logp, old, adv, mask = _loss_example()
+    d = torch.tensor([[0.5, -0.2], [0.1, 0.3]])  # ref - logp
+    ref = logp.detach() + d
+    k3 = torch.exp(d) - d - 1
+    assert k3[0, 0].item() == pytest.approx(math.exp(0.5) - 1.5, abs=1e-7)
+    base, _ = train.grpo_loss(logp, old, None, adv, mask, epsilon_high=0.28)
+    loss, st = train.grpo_loss(logp, old, ref, adv, mask, epsilon_high=0.28, beta=0.1)
+    kl_sum = float(k3[0, 0] + k3[0, 1] + k3[1, 0])
+    assert st["kl"] == pytest.approx(kl_sum, abs=1e-6)
+    assert loss.item() == pytest.approx(base.item() + 0.1 * kl_sum / 3, abs=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", train.LOSS_TYPES)
+def test_grpo_loss_pieces_sum_to_whole(loss_type):
+    """Micro-batches and ranks pass the global normalisers: the pieces' losses add up to the whole."""
+    g = torch.Generator().manual_seed(0)
+    logp, old = -torch.rand(5, 7, generator=g), -torch.rand(5, 7, generator=g)
+    adv = torch.randn(5, generator=g)
+    mask = (torch.arange(7)[None] < torch.tensor([7, 3, 5, 1, 6])[:, None]).float()
+    kw = dict(loss_type=loss_type, max_completion_length=7, beta=0.05, ref_logp=old * 0.9)
+    whole, _ = train.grpo_loss(logp, old, adv=adv, mask=mask, **kw)
+    n_tok, n_seq = mask.sum(), 5
+    parts = [train.grpo_loss(logp[s], old[s], adv=adv[s], mask=mask[s], num_tokens=n_tok, num_seqs=n_seq,
+                             **dict(kw, ref_logp=kw["ref_logp"][s]))[0] for s in (slice(0, 2), slice(2, 5))]
+    assert sum(parts).item() == pytest.approx(whole.item(), abs=1e-6)
+
+
+def test_trainer_logprobs_match_sampler(tokenizer, tiny_model):
+    """The trainer's right-padded forward gives the sampler's log-probs on the sampler's tokens."""
+    prompts = [tokenizer("What is 2 + 2?")["input_ids"], tokenizer("Hi")["input_ids"]]
+    outs = rollout.Sampler(tiny_model, max_len=128).generate(prompts, n=2, max_new_tokens=12, temperature=0.7,
+                                                             seed=3, stop_ids=[tokenizer.eos_token_id])
+    seqs = [dict(prompt_ids=prompts[o["prompt_index"]], tokens=o["tokens"]) for o in outs]
+    ids, index, targets, mask = train.collate(seqs, tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        logp, ent = train.Policy(tiny_model)(ids, index, targets, 0.7)
+    for r, o in enumerate(outs):
+        assert torch.allclose(logp[r, :o["length"]], torch.tensor(o["logprobs"]), atol=1e-4)
+    assert bool((ent[mask > 0] > 0).all())
+
+
+def test_stream_is_a_seeded_permutation_per_epoch():
+    s = train.Stream(5, seed=1)
+    first = s.take(3) + s.take(2)
+    assert sorted(first) == list(range(5)) and s.state() == dict(epoch=1, pos=0, n=5)
+    nxt = s.take(7)  # epoch 1 in full, then 2 of epoch 2
+    assert sorted(nxt[:5]) == list(range(5)) and s.state() == dict(epoch=2, pos=2, n=5)
+    again = train.Stream(5, seed=1, epoch=1, pos=0)
+    assert again.take(5) == nxt[:5]
+
+
+# ----------------------------------------------------------------------------- whole runs of train.main
+
+def test_gc_step_end_to_end(monkeypatch, tiny_dir, qspec, tmp_path):
+    """One GC-RL step with signal in both halves: parameters move, every contract metric is logged and
+    finite, samples and a loadable checkpoint are written. ppo-epochs 2 x 2 mini-batches (4 updates), grad-accum
+    2 and beta > 0 exercise old log-probs from the trainer, the clip, the k3 KL and accumulation."""
+    install_scripted(monkeypatch)
+    out = tmp_path / "gc"
+    train.main(base_args(tiny_dir, qspec, out, **{"--beta": 0.1, "--ppo-epochs": 2, "--mini-batch-size": 4,
+                                                   "--grad-accum": 2, "--epsilon": 0.01, "--eval-every": 1,
+                                                   "--eval-limit": 2, "--eval-data": qspec}))
+    (row,) = metrics(out)
+    assert row["eval/acc/response"] == 0.5  # greedy eval: the scripted sampler is right on one of 2 questions
+    missing = [k for k in CONTRACT_KEYS if k not in row]
+    assert not missing, missing
+    assert all(math.isfinite(row[k]) for k in CONTRACT_KEYS)
+    assert row["frac_reward_zero_std"] == 0.0 and row["critic/format_rate"] == 1.0
+    assert row["logprob_gap"] < 1e-4  # the scripted sampler reports the model's own log-probs
+    assert row["clip_ratio"] > 0 and row["kl"] > 0  # the second epoch moved off the old policy
+    assert row["update/seqs"] == 2 * 2 + 2 * 2  # 2 questions x 2 responses + 2 pairs x 2 critiques
+    before, after = params(tiny_dir), params(out / "final")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    kinds = {json.loads(ln)["kind"] for ln in (out / "samples.jsonl").read_text().splitlines()}
+    assert kinds == {"response", "critique"}
+    ck = out / "checkpoint-1"
+    state = json.loads((ck / "trainer_state.json").read_text())
+    assert state["step"] == 1 and state["data"]["pos"] == 2 and len(state["ranks"]) == 1
+    assert not list(out.glob("*.tmp"))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["mode"] == "gc" and cfg["num_processes"] == 1
+
+
+def test_step_without_pairs_runs_generation_half_alone(tiny_dir, qspec, tmp_path):
+    """Real sampler, random model: every response is wrong, every group uniform -> nothing enters the
+    cache, no critiques, no update; the step still runs and logs the generation half."""
+    out = tmp_path / "nopairs"
+    train.main(base_args(tiny_dir, qspec, out, **{"--mode": "gc", "--max-completion-length": 8}))
+    (row,) = metrics(out)
+    assert row["reward/response"] == 0.0 and row["frac_reward_zero_std"] == 1.0 and row["cache/size"] == 0
+    assert "reward/critique" not in row and "loss" not in row and row["update/seqs"] == 0
+    before, after = params(tiny_dir), params(out / "final")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resume_continues_exactly(monkeypatch, tiny_dir, qspec, tmp_path):
+    """4 steps straight == 2 steps, then --resume auto to 4: same parameters, same metrics."""
+    hash_rewards(monkeypatch)
+    common = {"--mode": "gc", "--max-completion-length": 8, "--max-critique-length": 8, "--beta": 0.05,
+              "--cache-capacity": 6, "--pairs-per-step": 2}
+    a, b = tmp_path / "straight", tmp_path / "resumed"
+    train.main(base_args(tiny_dir, qspec, a, **dict(common, **{"--max-steps": 4})))
+    train.main(base_args(tiny_dir, qspec, b, **dict(common, **{"--max-steps": 2})))
+    train.main(base_args(tiny_dir, qspec, b, **dict(common, **{"--max-steps": 4, "--resume": "auto"})))
+    pa, pb = params(a / "final"), params(b / "final")
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    ma, mb = metrics(a), metrics(b)
+    assert [r["step"] for r in mb] == [1, 2, 3, 4]
+    strip = [{k: v for k, v in r.items() if not k.startswith(NOISY)} for r in ma + mb]
+    assert strip[:4] == strip[4:]
+    assert any("loss" in r for r in ma) and any("reward/critique" in r for r in ma)  # both halves trained
+    assert sorted(p.name for p in b.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_sft_mode(tiny_dir, tmp_path):
+    """SFT on critique rows and generation rows, bf16 autocast: the loss on a fixed batch goes down."""
+    path = tmp_path / "cold.jsonl"
+    rows = [dict(question="What is 3 + 4?", response="3 + 4 = 7. \\boxed{7}", critique="Fine.\nConclusion: right [END]",
+                 label=True),
+            dict(question="What is 3 + 4?", response="3 + 4 = 8. \\boxed{8}", critique="No.\nConclusion: wrong [END]",
+                 label=False),
+            dict(question="What is 2 + 5?", response="2 + 5 = 7. \\boxed{7}")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "sft"
+    train.main(["--mode", "sft", "--model", tiny_dir, "--data", f"jsonl:{path}", "--out", str(out),
+                "--questions-per-step", "3", "--max-steps", "4", "--learning-rate", "3e-3",
+                "--mixed-precision", "bf16", "--log-every", "0"])
+    ms = metrics(out)
+    assert [r["step"] for r in ms] == [1, 2, 3, 4]
+    assert ms[-1]["loss"] < ms[0]["loss"] and all(math.isfinite(r["grad_norm"]) for r in ms)
+    assert "len/critique" in ms[0] and "len/response" in ms[0]
+    assert (out / "final" / "config.json").is_file()
+
+
+def test_mode_c_static_pairs_shared_groups(monkeypatch, tiny_dir, qspec, tmp_path):
+    """C-RL from a pairs file, --group-mode shared, Dr. GRPO loss, bf16 autocast, gradient checkpointing:
+    critiques only, no first-order rollout."""
+    install_scripted(monkeypatch)
+    pairs = tmp_path / "pairs.jsonl"
+    critique.save_pairs(pairs, [dict(question="What is 3 + 4?", response=r, label=lab, answer="7")
+                                for r, lab in (("\\boxed{7}", True), ("\\boxed{8}", False))] * 2)
+    out = tmp_path / "c"
+    train.main(base_args(tiny_dir, qspec, out, **{"--mode": "c", "--static-pairs": str(pairs), "--group-mode": "shared",
+                                                  "--loss-type": "dr-grpo", "--scale-rewards": "false",
+                                                  "--max-steps": 2, "--mixed-precision": "bf16",
+                                                  "--gradient-checkpointing": True}))
+    ms = metrics(out)
+    assert len(ms) == 2 and all("reward/critique" in r and "loss" in r for r in ms)
+    assert not any("reward/response" in r for r in ms)
+
+
+def test_mask_truncated(monkeypatch, tiny_dir, qspec, tmp_path):
+    """With a 20-token budget the scripted wrong answers are cut off: --mask-truncated keeps them out of the
+    loss (they still count in the group statistics)."""
+    install_scripted(monkeypatch)
+    for flag, n in ((False, 4), (True, 2)):
+        out = tmp_path / f"mask{flag}"
+        train.main(base_args(tiny_dir, qspec, out, **{"--mode": "g", "--max-completion-length": 20,
+                                                      **({"--mask-truncated": True} if flag else {})}))
+        (row,) = metrics(out)
+        assert row["trunc/response"] == 0.5 and row["acc/response"] == 0.5 and row["update/seqs"] == n
+
+
+def test_bad_inputs_name_the_flag(tiny_dir, qspec, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "critique": "c"}) + "\n")
+    with pytest.raises(train.data.DataError, match="row 1.*'response'"):
+        train.main(["--mode", "sft", "--model", tiny_dir, "--data", f"jsonl:{bad}", "--out", str(tmp_path / "s")])
+    with pytest.raises(train.ConfigError, match="--static-pairs"):
+        train.main(base_args(tiny_dir, qspec, tmp_path / "g", **{"--mode": "g", "--static-pairs": str(bad)}))
+    with pytest.raises(train.ConfigError, match="--num-generations"):
+        train.main(base_args(tiny_dir, qspec, tmp_path / "g", **{"--num-generations": 1}))
+    with pytest.raises(train.ConfigError, match="--resume"):
+        train.main(base_args(tiny_dir, qspec, tmp_path / "g", **{"--resume": str(tmp_path)}))
+    fake = SimpleNamespace(args=SimpleNamespace(questions_per_step=3, pairs_per_step=4, mode="gc",
+                                                prompt_style="plain"), world=2)
+    with pytest.raises(train.ConfigError, match=r"--questions-per-step 3 .*processes \(2\)"):
+        train.Trainer._validate(fake)
+    fake.args.questions_per_step, fake.args.pairs_per_step = 4, 3
+    with pytest.raises(train.ConfigError, match="--pairs-per-step"):
+        train.Trainer._validate(fake)
+    # --mode c with no pairs: the random model's static rollout has no mixed question
+    with pytest.raises(train.ConfigError, match="--mode c: no critique pairs.*--static-pairs"):
+        train.main(base_args(tiny_dir, qspec, tmp_path / "c", **{"--mode": "c", "--static-k": 2,
+                                                                 "--static-questions": 2,
+                                                                 "--max-completion-length": 4}))
+
+
+def test_sigterm_saves_a_loadable_checkpoint(tiny_dir, qspec, tmp_path):
+    """train.py as a process: SIGTERM after it starts stepping -> it finishes the step, saves, exits 0."""
+    out = tmp_path / "term"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py")]
+                            + base_args(tiny_dir, qspec, out, **{"--mode": "g", "--max-steps": 100000,
+                                                                 "--max-completion-length": 8}),
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline, "train.py never logged a step"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        log, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, log
+    cks = train._checkpoints(out)
+    assert len(cks) == 1 and "stopped by SIGTERM" in log and str(cks[0]) in log
+    step = int(cks[0].name.split("-")[1])
+    state = json.loads((cks[0] / "trainer_state.json").read_text())
+    assert state["step"] == step == len(metrics(out)) and step < 100000
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    AutoModelForCausalLM.from_pretrained(cks[0] / "model")
+    AutoTokenizer.from_pretrained(cks[0] / "model")
+    assert not list(out.glob("*.tmp"))

@@ -1,0 +1,983 @@
+"""GC-RL training: one policy learns to answer (generation) and to judge answers (critique) with GRPO.
+
+    python train.py --mode gc --model smollm2-135m --data arith --out runs/gc          # GC-RL
+    python train.py --mode g  ...                                                      # G-RL (vanilla GRPO)
+    python train.py --mode c  ...  [--static-pairs PAIRS.jsonl]                        # C-RL (static pairs)
+    python train.py --mode sft --data jsonl:cold_start.jsonl --out runs/sft            # cold start
+    accelerate launch --multi_gpu --num_processes 2 train.py --mode gc ...             # DDP (CPU too: see below)
+    python train.py ... --resume auto                                                  # continue the latest checkpoint
+
+One GC-RL step (DESIGN.md section 2; the code below follows it line by line in `Trainer.rl_step`):
+  1. draw Q questions; first-order rollout: n responses each (one GRPO group per question)
+  2. score responses: R(r) = 1 if the verified answer matches, else 0                            (Eq. 1)
+  3. label-balance filter -> one right + one wrong response per mixed question -> the QRCache
+  4. pop P pairs from the cache (no replacement); second-order rollout: m critiques each (a group per pair)
+  5. score critiques: 0.7 when the verdict matches the label (Eq. 2; --critique-reward reweight / precision /
+     recall: Eq. 3 / 5 / 6; --denoise K adds the self-correction bonus of Eq. 4)
+  6. GRPO advantages per group A = (r - mean) / (std + eps) (--scale-rewards off: Dr. GRPO, no std);
+     groups with equal rewards get A = 0, are counted in frac_reward_zero_std and left out of the loss;
+     --group-mode shared pools all responses and critiques of the step into one group
+  7. ONE clipped-ratio loss over responses and critiques together, optional k3 KL to the starting policy
+Modes: gc = all of it; g = steps 1, 2, 6, 7; c = steps 4-7 on a static pair set built once from the starting
+policy (critique.build_static_pairs) or --static-pairs; sft = cross-entropy on {question, response, critique?}.
+
+Distributed (Accelerate, DDP): each rank samples its own Q / num_processes questions (whole groups) and
+P / num_processes pairs through its own Sampler over the unwrapped model; the QRCache is per rank (each rank
+caches the pairs of its own questions; a checkpoint stores every rank's cache). The token-mean / seq-mean /
+dr-grpo normalisers are all-reduced, so N ranks make the same update as one process on the same global batch.
+Metrics are reduced over ranks (sums of numerators and denominators) and logged on rank 0. On a machine
+without GPUs `accelerate launch --multi_gpu --num_processes N` (or `torchrun --nproc_per_node N`) runs N CPU
+processes over gloo; `accelerate launch --cpu --num_processes N` starts only one. Set OMP_NUM_THREADS so
+that processes x threads <= cores: oversubscribed OpenMP threads slow CPU matmuls down by 100x and more.
+
+Sampling runs rollout.Sampler over the unwrapped model's own parameters, in eval mode under inference_mode:
+no weight copy or sync, and gradient checkpointing (an HF-forward, training-mode feature) never touches it.
+The trainer recomputes log-probs with the HF forward on fp32 logits; their gap to the sampler's is logged.
+
+Deliberately not done: no value model (GRPO), no reward model (rule-based rewards only), no sequence packing,
+no vLLM; refinement tokens (--denoise) are scored, never trained; the sampler runs in the model's own dtype
+(fp32 master weights) even with --mixed-precision bf16, which only affects the trainer's forward/backward.
+"""
+import argparse
+import hashlib
+import importlib.util
+import inspect
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import critique
+import data
+import reward
+import rollout
+
+
+class ConfigError(ValueError):
+    """Bad flags or inputs; the message names the flag."""
+
+
+TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}  # --report-to needs one
+
+
+# ============================================================================ GRPO: advantages and loss (pure)
+
+def grpo_advantages(rewards, groups, scale=True, eps=1e-4):
+    """GRPO advantages. rewards (N,), groups (N,) hashable group keys.
+    A_i = (r_i - mean_g) / (std_g + eps) over the samples of i's group g (std: unbiased, as TRL and verl);
+    scale=False gives Dr. GRPO's A_i = r_i - mean_g. A group whose rewards are all equal (or that has one
+    sample) gets A = 0 and is flagged. Returns (adv (N,) float32, zero_std (N,) bool)."""
+    r = torch.as_tensor(rewards, dtype=torch.float64)
+    adv = torch.zeros_like(r)
+    zero = torch.zeros(len(r), dtype=torch.bool)
+    members = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    for idx in members.values():
+        idx = torch.tensor(idx)
+        rg = r[idx]
+        if len(idx) < 2 or float(rg.max() - rg.min()) <= 1e-9:
+            zero[idx] = True
+            continue
+        a = rg - rg.mean()
+        adv[idx] = a / (rg.std() + eps) if scale else a
+    return adv.float(), zero
+
+
+LOSS_TYPES = ("token-mean", "seq-mean", "dr-grpo")
+
+
+def grpo_loss(logp, old_logp, ref_logp, adv, mask, epsilon=0.2, epsilon_high=None, beta=0.0,
+              loss_type="token-mean", max_completion_length=None, num_tokens=None, num_seqs=None):
+    """The clipped GRPO objective on (B, C) per-token log-probs.
+
+        rho      = exp(logp - old_logp)
+        per_tok  = -min(rho * A, clip(rho, 1 - epsilon, 1 + epsilon_high) * A) + beta * k3
+        k3       = exp(ref - logp) - (ref - logp) - 1          (Schulman's k3 KL estimate; only when beta > 0)
+        token-mean: sum(per_tok * mask) / num_tokens                       (DAPO; num_tokens = global count)
+        seq-mean:   sum_i [sum_t per_tok * mask / len_i] / num_seqs        (original GRPO)
+        dr-grpo:    sum(per_tok * mask) / (num_seqs * max_completion_length)
+
+    adv (B,), mask (B, C) 0/1. num_tokens / num_seqs default to this batch's own counts; the trainer passes
+    counts all-reduced over ranks and micro-batches, so summing the losses of all pieces gives the loss of the
+    whole batch. Returns (loss, stats) with stats = dict of floats: tokens, clipped (tokens where the clip is
+    active), kl (sum of k3 over tokens)."""
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    mask = mask.to(logp.dtype)
+    a = adv[:, None]
+    ratio = torch.exp(logp - old_logp)
+    per_tok = -torch.min(ratio * a, torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * a)
+    kl = None
+    if beta:
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1
+        per_tok = per_tok + beta * kl
+    if loss_type == "token-mean":
+        n = mask.sum() if num_tokens is None else num_tokens
+        loss = (per_tok * mask).sum() / max(float(n), 1.0)
+    elif loss_type == "seq-mean":
+        n = mask.shape[0] if num_seqs is None else num_seqs
+        loss = ((per_tok * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / max(float(n), 1.0)
+    elif loss_type == "dr-grpo":
+        if not max_completion_length:
+            raise ValueError("loss_type 'dr-grpo' needs max_completion_length")
+        n = mask.shape[0] if num_seqs is None else num_seqs
+        loss = (per_tok * mask).sum() / (max(float(n), 1.0) * max_completion_length)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
+    with torch.no_grad():
+        clipped = ((ratio < 1 - epsilon) & (a < 0)) | ((ratio > 1 + epsilon_high) & (a > 0))
+        stats = dict(tokens=float(mask.sum()), clipped=float((clipped * mask).sum()),
+                     kl=float((kl * mask).sum()) if kl is not None else 0.0)
+    return loss, stats
+
+
+# ============================================================================ trainer-side log-probs
+
+class Policy(torch.nn.Module):
+    """The HF causal LM plus the trainer's log-prob head: what DDP wraps. forward() returns the fp32
+    log-probs (B, C) of the completion tokens under temperature-scaled logits, and their entropy (B, C).
+    The LM head runs in fp32 outside autocast on the C completion positions only (never on the prompt)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, index, targets, temperature=1.0):
+        # input_ids (B, T) = prompt + completion, right-padded: causal attention never reaches the padding, so
+        # no attention mask is needed and positions are 0..len-1 as in the sampler
+        h = self.lm.model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, D)
+        h = h.gather(1, index[..., None].expand(-1, -1, h.shape[-1]))  # (B, C, D): states predicting targets
+        head = self.lm.get_output_embeddings()
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            bias = None if head.bias is None else head.bias.float()
+            logits = F.linear(h.float(), head.weight.float(), bias) / temperature  # (B, C, V) fp32
+            lse = torch.logsumexp(logits, -1)  # (B, C)
+            logp = logits.gather(-1, targets[..., None])[..., 0] - lse
+            with torch.no_grad():
+                entropy = lse - (torch.softmax(logits, -1) * logits).sum(-1)
+        return logp, entropy
+
+
+def collate(seqs, pad_id, device):
+    """Sequences {prompt_ids, tokens} -> input_ids (B, T), index (B, C), targets (B, C), mask (B, C)."""
+    P = [len(s["prompt_ids"]) for s in seqs]
+    L = [len(s["tokens"]) for s in seqs]
+    T, C = max(p + n for p, n in zip(P, L)), max(max(L), 1)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    targets = torch.zeros((len(seqs), C), dtype=torch.long)
+    mask = torch.zeros((len(seqs), C))
+    for i, s in enumerate(seqs):
+        ids[i, :P[i] + L[i]] = torch.tensor(list(s["prompt_ids"]) + list(s["tokens"]))
+        targets[i, :L[i]] = torch.tensor(s["tokens"], dtype=torch.long)
+        mask[i, :L[i]] = 1
+    index = (torch.tensor(P)[:, None] - 1 + torch.arange(C)[None, :]).clamp(max=T - 1)
+    return ids.to(device), index.to(device), targets.to(device), mask.to(device)
+
+
+# ============================================================================ small helpers
+
+def seed_for(*parts):
+    """A stable 63-bit seed from any values (no PYTHONHASHSEED dependence)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+class Stream:
+    """An endless stream of indices 0..n-1, a fresh seeded permutation per epoch. Its position
+    (epoch, pos) is the data position saved in checkpoints."""
+
+    def __init__(self, n, seed, epoch=0, pos=0):
+        self.n, self.seed, self.epoch, self.pos = n, seed, epoch, pos
+        self._perm = None
+
+    def perm(self):
+        if self._perm is None or self._perm[0] != self.epoch:
+            p = list(range(self.n))
+            random.Random(seed_for(self.seed, self.epoch)).shuffle(p)
+            self._perm = (self.epoch, p)
+        return self._perm[1]
+
+    def take(self, k):
+        out = []
+        while len(out) < k:
+            step = min(k - len(out), self.n - self.pos)
+            out += self.perm()[self.pos:self.pos + step]
+            self.pos += step
+            if self.pos == self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+        return out
+
+    def state(self):
+        return dict(epoch=self.epoch, pos=self.pos, n=self.n)
+
+
+class Metrics(dict):
+    """key -> [sum, count]. add(key, total, count): a mean over items, reduced exactly across ranks by
+    summing numerators and denominators. Keys in SUM_KEYS report the global sum instead of a mean."""
+    SUM_KEYS = ("cache/size", "tokens_per_s", "loss", "update/seqs")
+
+    def add(self, key, total, count=1):
+        if count:
+            s = self.setdefault(key, [0.0, 0])
+            s[0] += float(total)
+            s[1] += count
+
+    def mean_of(self, key, values):
+        values = list(values)
+        self.add(key, sum(values), len(values))
+
+    def reduce(self, accelerator):
+        from accelerate.utils import gather_object
+        parts = gather_object([dict(self)]) if accelerator.num_processes > 1 else [dict(self)]
+        total = {}
+        for part in parts:
+            for k, (s, c) in part.items():
+                t = total.setdefault(k, [0.0, 0])
+                t[0] += s
+                t[1] += c
+        return {k: (s if k in self.SUM_KEYS else s / c) for k, (s, c) in sorted(total.items())}
+
+
+def write_json_atomic(path, obj):
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _truncate_jsonl(path, last_step):
+    """Keep only rows with step <= last_step (a resumed run rewrites what came after its checkpoint; a line
+    cut short by a kill is dropped too)."""
+    def step_of(line):
+        try:
+            return json.loads(line).get("step", 0)
+        except json.JSONDecodeError:
+            return math.inf
+
+    path = Path(path)
+    if path.is_file():
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and step_of(ln) <= last_step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        os.replace(tmp, path)
+
+
+def _checkpoints(out):
+    cks = [p for p in Path(out).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(cks, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def load_sft_rows(spec, tokenizer, prompt_style="plain", max_len=None):
+    """SFT / cold-start jsonl (`jsonl:PATH` or PATH) -> examples {prompt_ids, tokens, kind}. A row with
+    `critique` trains the critique turn, a row without it the generation turn; targets end with eos."""
+    path = spec.split(":", 1)[1] if spec.startswith("jsonl:") else spec
+    rows = data.read_jsonl(path, "--data (sft)")
+    eos = tokenizer.eos_token_id
+    out = []
+    for i, row in enumerate(rows, 1):
+        where = f"--data {path} row {i}"
+        if not isinstance(row, dict):
+            raise data.DataError(f"{where}: expected a JSON object")
+        for key in ("question", "response"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise data.DataError(f"{where}: missing or empty {key!r} (sft rows are {{question, response, "
+                                     f"critique?}})")
+        crit = row.get("critique")
+        if crit is not None and (not isinstance(crit, str) or not crit.strip()):
+            raise data.DataError(f"{where}: 'critique' must be a non-empty string when present")
+        if crit is not None:
+            prompt, target, kind = critique.critique_prompt(tokenizer, row["question"], row["response"]), crit, "critique"
+        else:
+            prompt, target, kind = data.gen_prompt(tokenizer, row["question"], prompt_style), row["response"], "response"
+        tokens = tokenizer(target, add_special_tokens=False)["input_ids"][:(max_len - 1) if max_len else None]
+        out.append(dict(prompt_ids=prompt, tokens=tokens + [eos], kind=kind))
+    if not out:
+        raise data.DataError(f"--data {path}: no rows")
+    return out
+
+
+# ============================================================================ the trainer
+
+class Trainer:
+    """Holds the run: accelerator, policy, optimizer, sampler, data streams, cache. `rl_step` / `sft_step`
+    do one step and return its metrics; `save` / `load` handle checkpoints."""
+
+    def __init__(self, args):
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import set_seed
+
+        self.args = a = args
+        self.out = Path(a.out)
+        report = None if a.report_to in (None, "none") else a.report_to
+        if report and not any(importlib.util.find_spec(m) for m in TRACKER_MODULES[report]):
+            raise ConfigError(f"--report-to {report}: the package is not installed (pip install {report})")
+        # a fresh AcceleratorState, so that main() can run again in the same process with other settings
+        # (eval.py --experiment, tests); the distributed process group (PartialState) is kept
+        AcceleratorState._reset_state()
+        # launched as N processes (torchrun / accelerate launch) on a machine without CUDA: Accelerate needs
+        # cpu=True to form the gloo group, else it quietly runs N independent single-process trainings
+        world_env = int(os.environ.get("WORLD_SIZE", "1"))
+        cpu = a.cpu or (world_env > 1 and not torch.cuda.is_available())
+        self.acc = Accelerator(mixed_precision=a.mixed_precision, gradient_accumulation_steps=a.grad_accum,
+                               log_with=report, project_dir=str(self.out), cpu=cpu)
+        acc = self.acc
+        if acc.num_processes != world_env:
+            raise ConfigError(f"launched with WORLD_SIZE={world_env} but Accelerate formed {acc.num_processes} "
+                              f"process(es) on {acc.device}; check the launcher (--cpu forces the CPU)")
+        self.rank, self.world = acc.process_index, acc.num_processes
+        self._validate()
+        set_seed(a.seed)
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+
+        # policy (trainable), optional frozen reference, optimizer
+        lm, self.tok = rollout.load_policy(a.model, dtype=torch.float32, device=acc.device)
+        lm.config.use_cache = False
+        if a.gradient_checkpointing:
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+        policy = Policy(lm)
+        opt = torch.optim.AdamW(policy.parameters(), lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
+                                weight_decay=a.weight_decay)
+        self.model, self.opt = acc.prepare(policy, opt)
+        self.ref = None
+        if a.beta and a.mode != "sft":
+            ref_lm, _ = rollout.load_policy(a.model, dtype=torch.float32, device=acc.device)
+            self.ref = Policy(ref_lm).eval().requires_grad_(False)
+        self.sampler = rollout.Sampler(self.lm(), max_batch=a.sampler_batch, max_len=a.max_seq_len)
+        self.stop_ids = rollout.default_stop_ids(self.tok)
+        self.temperature = a.temperature if a.temperature > 0 else 1.0  # greedy sampling: log-probs at T=1
+
+        # data and state
+        self.step = 0
+        self.records, self.examples, self.static_pairs = None, None, None
+        self.cache = critique.QRCache(capacity=a.cache_capacity, seed=seed_for(a.seed, "cache", self.rank))
+        self.acc_ema = None  # running first-order accuracy E[R(r)] (Eq. 3)
+        if a.mode == "sft":
+            self.examples = load_sft_rows(a.data, self.tok, a.prompt_style,
+                                          max(a.max_completion_length, a.max_critique_length))
+            self.stream = Stream(len(self.examples), seed_for(a.seed, "data"))
+        else:
+            self.records = data.load_data(a.data, split="train", limit=a.limit, seed=a.seed)
+            self.stream = Stream(len(self.records), seed_for(a.seed, "data"))
+        self.pair_stream = None
+        self.eval_records = None
+        if a.eval_every and a.mode != "sft":
+            self.eval_records = data.load_data(a.eval_data or a.data, split="test", limit=a.eval_limit, seed=a.seed)
+
+    # -- setup helpers
+    def lm(self):
+        """The HF model under DDP / Accelerate wrappers: what the sampler reads and what gets saved."""
+        return self.acc.unwrap_model(self.model).lm
+
+    def _validate(self):
+        a, W = self.args, self.world
+        if a.questions_per_step % W:
+            raise ConfigError(f"--questions-per-step {a.questions_per_step} must be divisible by the number of "
+                              f"processes ({W}): each rank samples whole groups of its own questions")
+        if a.mode != "sft" and a.prompt_style != "plain" and \
+                "style" not in inspect.signature(rollout.first_order_rollout).parameters:
+            raise ConfigError(f"--prompt-style {a.prompt_style}: this rollout.first_order_rollout has no `style` "
+                              f"argument, so RL modes use the 'plain' prompt only (--mode sft honours the flag)")
+        if a.mode in ("gc", "c") and a.pairs_per_step % W:
+            raise ConfigError(f"--pairs-per-step {a.pairs_per_step} must be divisible by the number of processes ({W})")
+
+    def setup_static_pairs(self):
+        """C-RL: the static pair set: --static-pairs, else OUT/static_pairs.jsonl (a resumed run), else built
+        once from the starting policy (each rank samples a share of the questions) and saved there."""
+        a, acc = self.args, self.acc
+        saved = self.out / "static_pairs.jsonl"
+        if a.static_pairs:
+            spec = a.static_pairs
+            pairs = (critique.load_critique_data(spec) if spec.startswith(("jsonl:", "gsm8k-solutions:"))
+                     else critique.load_pairs(spec))
+            where = f"--static-pairs {spec}"
+        elif saved.is_file():
+            pairs, where = critique.load_pairs(saved), str(saved)
+        else:
+            from accelerate.utils import gather_object
+            recs = self.records[:a.static_questions] if a.static_questions else self.records
+            self.lm().eval()
+            pairs = critique.build_static_pairs(self.sampler, self.tok, recs[self.rank::self.world], k=a.static_k,
+                                                seed=seed_for(a.seed, "static", self.rank), **self.gen_kwargs())
+            pairs = gather_object(pairs) if self.world > 1 else pairs
+            where = f"the starting policy ({len(recs)} questions x {a.static_k} responses)"
+            if pairs and acc.is_main_process:
+                critique.save_pairs(saved, pairs)
+            acc.wait_for_everyone()
+        if not pairs:
+            raise ConfigError(f"--mode c: no critique pairs from {where}: every question's responses were all right or "
+                              f"all wrong. Pass --static-pairs PATH (jsonl of {{question, response, label}}), more "
+                              f"--static-questions / --static-k, or an easier --data")
+        self.static_pairs = pairs
+        self.pair_stream = Stream(len(pairs), seed_for(a.seed, "pairs"))
+        acc.print(f"[gcrl] C-RL static pairs: {len(pairs)} from {where}")
+
+    def gen_kwargs(self, critique_turn=False):
+        a = self.args
+        kw = dict(max_new_tokens=a.max_critique_length if critique_turn else a.max_completion_length,
+                  temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, stop_ids=self.stop_ids)
+        if a.prompt_style != "plain" and not critique_turn:
+            kw["style"] = a.prompt_style  # checked in _validate: first_order_rollout must take it
+        return kw
+
+    def all_sum(self, values):
+        """A (nested) list of numbers summed over ranks, as float64: global counts and normalisers."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.acc.device)
+        return (self.acc.reduce(t, "sum") if self.world > 1 else t).tolist()
+
+    def set_lr(self):
+        """The LR of the coming step: linear warm-up over --warmup-steps, then constant. A pure function of the
+        step (no scheduler state to checkpoint). Returns it."""
+        a = self.args
+        lr = a.learning_rate * (min(1.0, (self.step + 1) / a.warmup_steps) if a.warmup_steps > 0 else 1.0)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        return lr
+
+    # -- one RL step
+    def rl_step(self):
+        """Steps 1-7 of the module docstring on this rank's share; returns the Metrics."""
+        a, step, m = self.args, self.step + 1, Metrics()
+        t_step = time.perf_counter()
+        seqs = []  # the rollout batch: {prompt_ids, tokens, logprobs, reward, group, truncated, kind}
+        gen_tokens = 0
+        self.lm().eval()  # sampling: eval mode, no grad (the Sampler runs under inference_mode)
+
+        if a.mode in ("g", "gc"):
+            # 1. first-order rollout on this rank's questions (whole groups)
+            q_local = a.questions_per_step // self.world
+            idx = self.stream.take(a.questions_per_step)[self.rank * q_local:(self.rank + 1) * q_local]
+            recs = [self.records[i] for i in idx]
+            t0 = time.perf_counter()
+            samples = rollout.first_order_rollout(self.sampler, self.tok, recs, a.num_generations,
+                                                  seed=seed_for(a.seed, step, self.rank, "rollout1"),
+                                                  **self.gen_kwargs())
+            m.add("time/rollout1", time.perf_counter() - t0)
+            # 2. Eq. 1 rewards
+            t0 = time.perf_counter()
+            rewards = [reward.response_reward(s["text"], recs[s["q_index"]]["answer"]) for s in samples]
+            for s, r in zip(samples, rewards):
+                seqs.append(dict(s, reward=r, group=("q", s["q_index"]), kind="response"))
+            m.mean_of("reward/response", rewards)
+            m.mean_of("acc/response", [r > 0.5 for r in rewards])
+            m.mean_of("len/response", [s["length"] for s in samples])
+            m.mean_of("trunc/response", [s["truncated"] for s in samples])
+            gen_tokens += sum(s["length"] for s in samples)
+            n_right, n_all = self.all_sum([sum(r > 0.5 for r in rewards), len(rewards)])
+            batch_acc = n_right / max(n_all, 1)
+            self.acc_ema = batch_acc if self.acc_ema is None else a.acc_ema * self.acc_ema + (1 - a.acc_ema) * batch_acc
+            # 3. balance filter -> cache (gc only: C-RL uses its static set, G-RL no pairs)
+            if a.mode == "gc":
+                rng = random.Random(seed_for(a.seed, step, self.rank, "balance"))
+                self.cache.push(critique.pairs_from_rollout(samples, recs, rewards, rng))
+            m.add("time/score", time.perf_counter() - t0)
+            self._dump(step, [dict(kind="response", prompt=s["prompt_ids"], text=s["text"], reward=r,
+                                   answer=recs[s["q_index"]]["answer"]) for s, r in zip(samples[:a.log_samples], rewards)])
+
+        if a.mode in ("gc", "c"):
+            # 4. pairs: popped from the cache (gc) or the next of the static set (c)
+            p_local = a.pairs_per_step // self.world
+            if a.mode == "gc":
+                pairs = self.cache.pop(p_local)
+                m.add("cache/size", len(self.cache))
+                p_correct = self.acc_ema
+            else:
+                pidx = self.pair_stream.take(a.pairs_per_step)[self.rank * p_local:(self.rank + 1) * p_local]
+                pairs = [self.static_pairs[i] for i in pidx]
+                p_correct = sum(p["label"] for p in self.static_pairs) / len(self.static_pairs)
+            if pairs:
+                # 4-5. second-order rollout, scored inside (Eq. 2-6; the Eq. 4 bonus is included in "reward")
+                t0 = time.perf_counter()
+                crits = critique.second_order_rollout(
+                    self.sampler, self.tok, pairs, a.critiques_per_pair, scheme=a.critique_reward,
+                    p_correct=p_correct, k_ref=a.denoise, template=a.critique_template,
+                    seed=seed_for(a.seed, step, self.rank, "rollout2"), **self.gen_kwargs(critique_turn=True))
+                m.add("time/rollout2", time.perf_counter() - t0)
+                for c in crits:
+                    seqs.append(dict(c, group=("p", c["pair_index"]), kind="critique"))
+                self._critique_metrics(m, crits)
+                gen_tokens += sum(c["length"] for c in crits)
+                self._dump(step, [dict(kind="critique", prompt=c["prompt_ids"], text=c["text"], verdict=c["verdict"],
+                                       label=c["label"], reward=c["reward"]) for c in crits[:a.log_samples]])
+
+        # 6-7. advantages and the update
+        t0 = time.perf_counter()
+        self.update(seqs, m)
+        m.add("time/update", time.perf_counter() - t0)
+        dt = time.perf_counter() - t_step
+        m.add("time/step", dt)
+        m.add("tokens_per_s", gen_tokens / dt)  # generated tokens per second of the whole step (summed over ranks)
+        return m
+
+    @staticmethod
+    def _critique_metrics(m, crits):
+        said_right = [c for c in crits if c["verdict"] == "right"]
+        m.mean_of("reward/critique", [c["reward"] for c in crits])
+        m.mean_of("acc/critique", [(c["verdict"] == "right") == c["label"] and c["verdict"] is not None for c in crits])
+        m.add("critic/precision", sum(c["label"] for c in said_right), len(said_right))  # "right" = positive
+        m.add("critic/recall", sum(c["label"] for c in said_right), sum(c["label"] for c in crits))
+        m.mean_of("critic/wrong_rate", [c["verdict"] == "wrong" for c in crits])
+        m.mean_of("critic/format_rate", [c["verdict"] is not None for c in crits])
+        m.mean_of("len/critique", [c["length"] for c in crits])
+        m.mean_of("trunc/critique", [c["truncated"] for c in crits])
+
+    def advantages(self, seqs, m):
+        """Step 6: GRPO advantages per group (or one shared group over all ranks' samples of the step)."""
+        a = self.args
+        rewards = [s["reward"] for s in seqs]
+        if a.group_mode == "shared":
+            from accelerate.utils import gather_object
+            every = gather_object([rewards]) if self.world > 1 else [rewards]
+            adv, zero = grpo_advantages([r for part in every for r in part], [0] * sum(map(len, every)),
+                                        a.scale_rewards, a.adv_eps)
+            start = sum(len(part) for part in every[:self.rank])
+            adv, zero = adv[start:start + len(seqs)], zero[start:start + len(seqs)]
+            m.add("frac_reward_zero_std", float(zero.all()) if len(seqs) else 0.0, 1 if len(seqs) else 0)
+        else:
+            groups = [s["group"] for s in seqs]
+            adv, zero = grpo_advantages(rewards, groups, a.scale_rewards, a.adv_eps)
+            first = {}
+            for g, z in zip(groups, zero.tolist()):
+                first.setdefault(g, z)
+            m.mean_of("frac_reward_zero_std", first.values())
+        return adv, zero
+
+    def update(self, seqs, m):
+        """Steps 6-7: advantages, then --ppo-epochs passes over the loss batch in mini-batches of
+        --mini-batch-size sequences (one optimizer update each), each split into --grad-accum micro-batches."""
+        a, acc, W, G = self.args, self.acc, self.world, self.args.grad_accum
+        adv, zero = self.advantages(seqs, m)
+        keep = [i for i, s in enumerate(seqs) if not zero[i] and not (a.mask_truncated and s["truncated"])]
+        counts = torch.tensor([len(keep)], device=acc.device)
+        counts = acc.gather(counts) if W > 1 else counts  # (W,): every rank's loss-batch size
+        max_local, total = int(counts.max()), int(counts.sum())
+        m.add("update/seqs", len(keep))
+        m.add("lr", self.set_lr())
+        if total == 0:  # every group uniform on every rank: nothing to learn from this step
+            return
+        mb = a.mini_batch_size or max_local
+        n_mb = math.ceil(max_local / mb)  # the same on every rank (DDP needs the same number of updates)
+        single = a.ppo_epochs == 1 and n_mb == 1  # one update on fresh samples: old log-probs = detached current
+        old = ref = None
+        dev = acc.device
+        if not single or self.ref is not None:
+            with torch.no_grad(), acc.autocast():
+                if not single:  # the trainer's own log-probs before any update: pi_old of the ratio
+                    old = self._logprobs(acc.unwrap_model(self.model), [seqs[i] for i in keep])
+                if self.ref is not None:
+                    ref = self._logprobs(self.ref, [seqs[i] for i in keep])
+        pos = {i: j for j, i in enumerate(keep)}  # sequence index -> row in old / ref
+        self.model.train()
+        gap, losses, norms = [0.0, 0.0], [], []
+        for epoch in range(a.ppo_epochs):
+            order = list(keep)
+            if n_mb > 1:
+                random.Random(seed_for(a.seed, self.step + 1, self.rank, "minibatch", epoch)).shuffle(order)
+            chunks = [order[k * mb:(k + 1) * mb] for k in range(n_mb)]
+            # global normalisers of each mini-batch: tokens and sequences, summed over ranks
+            cnt = self.all_sum([[sum(seqs[i]["length"] for i in c), len(c)] for c in chunks])
+            for k, chunk in enumerate(chunks):
+                n_tok, n_seq = cnt[k]
+                step_loss = 0.0
+                for micro in (chunk[j::G] for j in range(G)):  # exactly G micro-batches (some maybe empty)
+                    dummy = not micro
+                    rows = [seqs[i] for i in micro] if micro else [seqs[0]]  # an empty share still joins DDP
+                    with acc.accumulate(self.model):
+                        ids, index, targets, mask = collate(rows, self.pad_id, dev)
+                        if dummy:
+                            mask = mask * 0
+                        logp, ent = self.model(ids, index, targets, self.temperature)
+                        C = logp.shape[1]
+                        if single:
+                            old_lp = logp.detach()
+                        else:
+                            old_lp = torch.stack([old[pos[i]][:C] for i in micro]) if micro else logp.detach()
+                        ref_lp = None
+                        if ref is not None:
+                            ref_lp = torch.stack([ref[pos[i]][:C] for i in micro]) if micro else logp.detach()
+                        adv_mb = adv[micro].to(dev) if micro else torch.zeros(1, device=dev)
+                        loss, st = grpo_loss(logp, old_lp, ref_lp, adv_mb, mask, a.epsilon, a.epsilon_high, a.beta,
+                                             a.loss_type, self.max_len_norm, n_tok, n_seq)
+                        # DDP averages gradients over ranks and accelerator.backward divides by G: undo both, so
+                        # the gradient is that of the globally normalised loss
+                        acc.backward(loss * W * G)
+                        step_loss += float(loss.detach())
+                        if not dummy:
+                            m.add("clip_ratio", st["clipped"], int(st["tokens"]))
+                            if a.beta:
+                                m.add("kl", st["kl"], int(st["tokens"]))
+                            if epoch == 0:
+                                m.add("entropy", float((ent * mask).sum()), int(st["tokens"]))
+                                sampler_lp = torch.zeros_like(mask)
+                                for r, s in enumerate(rows):
+                                    sampler_lp[r, :len(s["logprobs"])] = torch.tensor(s["logprobs"])
+                                gap[0] += float(((sampler_lp - old_lp).abs() * mask).sum())
+                                gap[1] += float(mask.sum())
+                        if acc.sync_gradients:
+                            norms.append(float(acc.clip_grad_norm_(self.model.parameters(), a.max_grad_norm)))
+                        self.opt.step()
+                        self.opt.zero_grad()
+                losses.append(step_loss)
+        self.model.eval()
+        m.add("loss", sum(losses) / len(losses))  # SUM_KEYS: this rank's share of the global loss
+        m.mean_of("grad_norm", norms)
+        m.add("logprob_gap", gap[0], int(gap[1]))
+
+    @property
+    def max_len_norm(self):
+        """Dr. GRPO's constant normaliser: the longest completion the sampler may produce."""
+        return max(self.args.max_completion_length, self.args.max_critique_length)
+
+    def _logprobs(self, policy, seqs):
+        """Per-sequence log-probs of `policy` (no grad; the caller sets autocast) in batches of --logprob-batch
+        rows: a list of (C,) tensors, zero-padded to the longest completion."""
+        out, bs = [], max(1, self.args.logprob_batch)
+        for j in range(0, len(seqs), bs):
+            rows = seqs[j:j + bs]
+            ids, index, targets, mask = collate(rows, self.pad_id, self.acc.device)
+            logp, _ = policy(ids, index, targets, self.temperature)
+            out += [logp[r] for r in range(len(rows))]
+        C = max(lp.shape[0] for lp in out)
+        return [F.pad(lp, (0, C - lp.shape[0])) for lp in out]
+
+    # -- one SFT step
+    def sft_step(self):
+        """Cross-entropy (token-mean over the global batch) on the next --questions-per-step examples."""
+        a, acc, W, G = self.args, self.acc, self.world, self.args.grad_accum
+        m, t_step = Metrics(), time.perf_counter()
+        q_local = a.questions_per_step // W
+        idx = self.stream.take(a.questions_per_step)[self.rank * q_local:(self.rank + 1) * q_local]
+        rows = [self.examples[i] for i in idx]
+        (n_tok,) = self.all_sum([sum(len(r["tokens"]) for r in rows)])
+        m.add("lr", self.set_lr())
+        self.model.train()
+        total = 0.0
+        for micro in (rows[j::G] for j in range(G)):
+            with acc.accumulate(self.model):
+                ids, index, targets, mask = collate(micro or rows[:1], self.pad_id, acc.device)
+                if not micro:
+                    mask = mask * 0
+                logp, ent = self.model(ids, index, targets, 1.0)
+                loss = -(logp * mask).sum() / n_tok
+                acc.backward(loss * W * G)
+                total += float(loss.detach())
+                m.add("entropy", float((ent * mask).sum()), int(mask.sum()))
+                if acc.sync_gradients:
+                    m.add("grad_norm", float(acc.clip_grad_norm_(self.model.parameters(), a.max_grad_norm)))
+                self.opt.step()
+                self.opt.zero_grad()
+        self.model.eval()
+        m.add("loss", total)
+        for kind in ("response", "critique"):
+            m.mean_of(f"len/{kind}", [len(r["tokens"]) for r in rows if r["kind"] == kind])
+        dt = time.perf_counter() - t_step
+        m.add("time/update", dt)
+        m.add("time/step", dt)
+        m.add("tokens_per_s", sum(len(r["tokens"]) for r in rows) / dt)  # trained tokens per second
+        return m
+
+    # -- eval, samples
+    def evaluate(self, m):
+        """Greedy accuracy on --eval-data (this rank's share), into the step's metrics as eval/*."""
+        recs = self.eval_records[self.rank::self.world]
+        self.lm().eval()
+        outs = rollout.first_order_rollout(self.sampler, self.tok, recs, 1, seed=0,
+                                           **dict(self.gen_kwargs(), temperature=0.0))
+        m.mean_of("eval/acc/response", [reward.response_reward(o["text"], recs[o["q_index"]]["answer"]) > 0.5
+                                        for o in outs])
+        m.mean_of("eval/len/response", [o["length"] for o in outs])
+
+    def _dump(self, step, rows):
+        """A few samples of the step (rank 0) into samples.jsonl: the prompt text, the completion, its reward."""
+        if not self.acc.is_main_process or not rows:
+            return
+        with open(self.out / "samples.jsonl", "a", encoding="utf-8") as f:
+            for row in rows:
+                row = dict(step=step, **dict(row, prompt=self.tok.decode(row["prompt"])))
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    # -- checkpoints
+    def rank_state(self):
+        return dict(cache=self.cache.state_dict())
+
+    def save(self, final=False):
+        """OUT/checkpoint-STEP/: model/ (HF, from_pretrained + tokenizer), accelerate save_state files
+        (weights, optimizer, every rank's RNG), trainer_state.json (step, data position, running
+        accuracy, every rank's QRCache). Written to checkpoint-STEP.tmp, then renamed."""
+        from accelerate.utils import gather_object
+        acc, a = self.acc, self.args
+        ck = self.out / f"checkpoint-{self.step}"
+        tmp = self.out / f"checkpoint-{self.step}.tmp"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        ranks = gather_object([self.rank_state()]) if self.world > 1 else [self.rank_state()]
+        if acc.is_main_process:
+            self.lm().save_pretrained(tmp / "model", safe_serialization=True)
+            self.tok.save_pretrained(tmp / "model")
+            # RNG: every sampling / filter / mini-batch seed is derived from (--seed, step, rank), so the step
+            # and the data position fix them; the global RNG states are in random_states_*.pkl (save_state)
+            state = dict(step=self.step, mode=a.mode, seed=a.seed, num_processes=self.world,
+                         data=self.stream.state(), pairs=self.pair_stream.state() if self.pair_stream else None,
+                         acc_ema=self.acc_ema, ranks=ranks)
+            write_json_atomic(tmp / "trainer_state.json", state)
+            if ck.exists():
+                shutil.rmtree(ck)
+            os.replace(tmp, ck)
+            if a.save_total_limit > 0:
+                for old in _checkpoints(self.out)[:-a.save_total_limit]:
+                    shutil.rmtree(old, ignore_errors=True)
+            if final:
+                fin, ftmp = self.out / "final", self.out / "final.tmp"
+                shutil.rmtree(ftmp, ignore_errors=True)
+                shutil.copytree(ck / "model", ftmp)
+                shutil.rmtree(fin, ignore_errors=True)
+                os.replace(ftmp, fin)
+        acc.wait_for_everyone()
+        return ck
+
+    def load(self, path):
+        acc = self.acc
+        state = json.loads((Path(path) / "trainer_state.json").read_text())
+        acc.load_state(str(path))
+        self.step = state["step"]
+        d = state["data"]
+        if d["n"] != self.stream.n:
+            raise ConfigError(f"--resume {path}: the checkpoint's data has {d['n']} items, --data now gives "
+                              f"{self.stream.n}: resume with the same --data / --limit")
+        self.stream.epoch, self.stream.pos = d["epoch"], d["pos"]
+        if self.pair_stream and state.get("pairs"):
+            self.pair_stream.epoch, self.pair_stream.pos = state["pairs"]["epoch"], state["pairs"]["pos"]
+        self.acc_ema = state.get("acc_ema")
+        ranks = state["ranks"]
+        if len(ranks) != self.world:
+            acc.print(f"[gcrl] warning: checkpoint written by {len(ranks)} processes, now {self.world}: "
+                      f"ranks without a saved cache start with an empty one (not an exact continuation)")
+        if self.rank < len(ranks):
+            self.cache.load_state_dict(ranks[self.rank]["cache"])
+        if state.get("mode") != self.args.mode:
+            acc.print(f"[gcrl] warning: checkpoint is from --mode {state.get('mode')}, continuing as --mode {self.args.mode}")
+
+
+# ============================================================================ CLI and main loop
+
+def _flag(s):
+    v = str(s).strip().lower()
+    if v in ("1", "true", "yes", "on", "group"):
+        return True
+    if v in ("0", "false", "no", "off", "none"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--mode", choices=("sft", "g", "c", "gc"), default="gc",
+      help="gc: GC-RL (responses + critiques of cached pairs); g: vanilla GRPO; c: critique-only on static pairs; "
+           "sft: cross-entropy cold start on {question, response, critique?} jsonl")
+    a("--model", default="smollm2-135m", help="alias, HF hub id or local model dir (e.g. OUT/final of an sft run)")
+    a("--data", default="arith", help=f"data SPEC ({data.SPECS}); --mode sft: jsonl:PATH of "
+                                      "{question, response, critique?} rows")
+    a("--limit", type=int, default=None, help="use the first N records of --data (arith: generate N)")
+    a("--out", default="runs/train", help="run dir: config.json, metrics.jsonl, samples.jsonl, checkpoint-N/, final/")
+    a("--prompt-style", choices=sorted(data.PROMPT_STYLES), default="plain",
+      help="generation prompt (data.PROMPT_STYLES) of sft rows and of first-order rollouts")
+    g = p.add_argument_group("rollout (first order)")
+    g.add_argument("--questions-per-step", "--questions", type=int, default=8,
+                   help="questions per step over all processes (sft: examples per step); divisible by #processes")
+    g.add_argument("--num-generations", type=int, default=4, help="responses per question (GRPO group size, paper: 5)")
+    g.add_argument("--max-completion-length", type=int, default=256, help="max new tokens per response")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (log-probs use it too)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
+    g.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
+    g.add_argument("--sampler-batch", type=int, default=64, help="sampler rows per chunk (KV cache rows)")
+    g.add_argument("--max-seq-len", type=int, default=2048, help="sampler max prompt + completion tokens")
+    g = p.add_argument_group("critique (second order)")
+    g.add_argument("--pairs-per-step", type=int, default=4, help="<question, response> pairs critiqued per step "
+                                                                 "over all processes")
+    g.add_argument("--critiques-per-pair", type=int, default=4, help="critiques per pair (its GRPO group size)")
+    g.add_argument("--max-critique-length", type=int, default=256, help="max new tokens per critique")
+    g.add_argument("--critique-reward", choices=tuple(reward.CRITIQUE_REWARDS), default="plain",
+                   help="plain: Eq. 2 (0.7 if the verdict matches); reweight: Eq. 3 with E[R] = running first-order "
+                        "accuracy; precision: Eq. 5 (0.6 / 0.8); recall: Eq. 6 (0.8 / 0.6)")
+    g.add_argument("--denoise", type=int, default=0, metavar="K_REF",
+                   help="Eq. 4: K_REF self-corrections per critique, bonus 0.1 k/K ('right') or 0.7 k/K ('wrong')")
+    g.add_argument("--cache-capacity", type=int, default=4096, help="QRCache size per process (oldest pairs evicted)")
+    g.add_argument("--critique-template", default=None, help="critique prompt: a name in critique.CRITIQUE_TEMPLATES "
+                                                             "or a format string with {question} and {response}")
+    g.add_argument("--static-pairs", default=None, help="--mode c: pairs jsonl {question, response, label} "
+                                                        "(or jsonl:PATH / gsm8k-solutions:PATH) instead of building them")
+    g.add_argument("--static-k", type=int, default=10, help="--mode c: responses per question when building pairs")
+    g.add_argument("--static-questions", type=int, default=0, help="--mode c: questions used to build pairs (0 = all)")
+    g.add_argument("--acc-ema", type=float, default=0.9, help="decay of the running first-order accuracy E[R(r)]")
+    g = p.add_argument_group("GRPO loss")
+    g.add_argument("--group-mode", choices=("per-prompt", "shared"), default="per-prompt",
+                   help="per-prompt: a group per question and per pair; shared: all samples of a step in one group")
+    g.add_argument("--scale-rewards", type=_flag, default=True, metavar="{true,false}",
+                   help="divide advantages by the group std (false: Dr. GRPO; TRL's 'group' / 'none' work too)")
+    g.add_argument("--adv-eps", type=float, default=1e-4, help="eps in (r - mean) / (std + eps)")
+    g.add_argument("--loss-type", choices=LOSS_TYPES, default="token-mean",
+                   help="token-mean: over all tokens of the global batch (DAPO); seq-mean: per sequence, then mean "
+                        "(GRPO); dr-grpo: token sum / (sequences x max length)")
+    g.add_argument("--epsilon", type=float, default=0.2, help="lower clip: ratio >= 1 - epsilon")
+    g.add_argument("--epsilon-high", type=float, default=None, help="upper clip: ratio <= 1 + epsilon_high "
+                                                                    "(default: --epsilon)")
+    g.add_argument("--beta", type=float, default=0.0, help="k3 KL coefficient to the starting policy (paper 1e-3; "
+                                                           "0 loads no reference model)")
+    g.add_argument("--mask-truncated", action="store_true", help="leave completions that hit the length limit out "
+                                                                 "of the loss")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--learning-rate", "--lr", type=float, default=1e-6, help="AdamW learning rate (paper 1e-6)")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear LR warm-up steps, then constant")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1")
+    g.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW beta2")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
+    g.add_argument("--ppo-epochs", "--num-iterations", type=int, default=1,
+                   help="passes over each rollout (old log-probs from the trainer)")
+    g.add_argument("--mini-batch-size", type=int, default=0,
+                   help="sequences per optimizer update per process (0: the whole rollout, one update per pass)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update (forward/backward pieces)")
+    g.add_argument("--logprob-batch", type=int, default=16, help="rows per no-grad old / reference log-prob pass")
+    g.add_argument("--mixed-precision", choices=("no", "bf16"), default="no",
+                   help="bf16 autocast for the trainer's forward/backward (CPU and GPU)")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    g.add_argument("--cpu", action="store_true", help="train on CPU even when a GPU is present")
+    g = p.add_argument_group("run")
+    g.add_argument("--max-steps", "--steps", type=int, default=20, help="total training steps")
+    g.add_argument("--seed", type=int, default=0, help="seed of data order, sampling, filter and cache")
+    g.add_argument("--eval-every", type=int, default=0, help="greedy eval on --eval-data every N steps (0 = never)")
+    g.add_argument("--eval-data", default=None, help="eval SPEC (default: --data, test split)")
+    g.add_argument("--eval-limit", type=int, default=64, help="eval questions")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (always at the end)")
+    g.add_argument("--save-total-limit", type=int, default=2, help="keep the last N checkpoints (0 = all)")
+    g.add_argument("--resume", default=None, help="checkpoint dir, or 'auto' = the latest checkpoint in --out")
+    g.add_argument("--report-to", choices=("none", "tensorboard", "wandb"), default="none",
+                   help="Accelerate tracker for the metrics (besides metrics.jsonl)")
+    g.add_argument("--log-every", type=int, default=10, help="print a metrics line every N steps")
+    g.add_argument("--log-samples", type=int, default=2, help="responses and critiques per step in samples.jsonl")
+    return p
+
+
+# progress bar: metric -> short name; printed lines (--log-every) show these and a few more
+BAR = {"reward/response": "rew", "acc/response": "acc", "reward/critique": "c_rew", "acc/critique": "c_acc",
+       "loss": "loss"}
+SHOW = tuple(BAR) + ("critic/wrong_rate", "frac_reward_zero_std", "eval/acc/response", "time/step")
+
+
+def main(argv=None):
+    """Train; returns the run dir (OUT). Ctrl-C / SIGTERM: finish the step, save a checkpoint, return."""
+    args = build_parser().parse_args(argv)
+    for flag, v in (("--num-generations", args.num_generations), ("--questions-per-step", args.questions_per_step),
+                    ("--max-steps", args.max_steps), ("--grad-accum", args.grad_accum),
+                    ("--ppo-epochs", args.ppo_epochs), ("--critiques-per-pair", args.critiques_per_pair)):
+        if v < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {v}")
+    if args.mode in ("g", "gc") and args.num_generations < 2 and args.group_mode == "per-prompt":
+        raise ConfigError("--num-generations must be >= 2 for per-prompt GRPO groups (or use --group-mode shared)")
+    if args.static_pairs and args.mode != "c":
+        raise ConfigError("--static-pairs is for --mode c only (GC-RL builds its pairs from its own rollouts)")
+
+    tr = Trainer(args)
+    acc, out = tr.acc, tr.out
+    if args.mode == "c":
+        tr.setup_static_pairs()
+    resume = args.resume
+    if resume == "auto":
+        cks = _checkpoints(out)
+        resume = str(cks[-1]) if cks else None
+        if resume is None:
+            acc.print(f"[gcrl] --resume auto: no checkpoint in {out}, starting fresh")
+    elif resume and not (Path(resume) / "trainer_state.json").is_file():
+        raise ConfigError(f"--resume {resume}: not a checkpoint dir (no trainer_state.json)")
+    if resume:
+        tr.load(resume)
+        acc.print(f"[gcrl] resumed from {resume} at step {tr.step}")
+    if acc.is_main_process:
+        if resume:
+            _truncate_jsonl(out / "metrics.jsonl", tr.step)
+            _truncate_jsonl(out / "samples.jsonl", tr.step)
+        else:
+            for f in ("metrics.jsonl", "samples.jsonl"):
+                (out / f).unlink(missing_ok=True)
+        cfg = dict(vars(args), num_processes=tr.world, device=str(acc.device), torch=torch.__version__)
+        write_json_atomic(out / "config.json", cfg)
+    if args.report_to != "none":
+        acc.init_trackers("gcrl", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+
+    # Ctrl-C / SIGTERM: finish the step, checkpoint, exit; a second signal exits at once
+    stop = {"sig": None}
+    old_handlers = {}
+
+    def on_signal(signum, frame):
+        stop["sig"] = signal.Signals(signum).name
+        print(f"\n[gcrl] {stop['sig']}: finishing step {tr.step + 1}, then saving a checkpoint "
+              f"(send it again to exit at once)", file=sys.stderr, flush=True)
+        signal.signal(signum, old_handlers.get(signum, signal.SIG_DFL))
+
+    try:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            old_handlers[s] = signal.signal(s, on_signal)
+    except ValueError:  # not the main thread: no signal handling
+        old_handlers = {}
+
+    from tqdm import tqdm
+    bar = tqdm(total=args.max_steps, initial=tr.step, desc=f"gcrl {args.mode}", disable=not acc.is_main_process,
+               dynamic_ncols=True)
+    acc.print(f"[gcrl] mode {args.mode}, {tr.world} process(es) on {acc.device}, out {out}")
+    try:
+        while tr.step < args.max_steps:
+            m = tr.rl_step() if args.mode != "sft" else tr.sft_step()
+            tr.step += 1
+            if tr.eval_records and (tr.step % args.eval_every == 0 or tr.step == args.max_steps):
+                tr.evaluate(m)
+            row = dict(step=tr.step, **m.reduce(acc))
+            if acc.is_main_process:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                bar.update(1)
+                bar.set_postfix({short: f"{row[k]:.3g}" for k, short in BAR.items() if k in row})
+                if args.log_every and tr.step % args.log_every == 0:
+                    bar.write(" ".join(f"{k}={row[k]:.4g}" for k in ("step",) + SHOW if k in row))
+            if args.report_to != "none":
+                acc.log(row, step=tr.step)
+            flag = torch.tensor([1.0 if stop["sig"] else 0.0], device=acc.device)
+            stopping = bool(acc.reduce(flag, "sum") > 0) if tr.world > 1 else stop["sig"] is not None
+            if stopping or tr.step == args.max_steps or (args.save_every and tr.step % args.save_every == 0):
+                ck = tr.save(final=tr.step == args.max_steps)
+                if stopping:
+                    acc.print(f"[gcrl] stopped by {stop['sig'] or 'a signal on another rank'} after step {tr.step}; "
+                              f"checkpoint: {ck} (continue with --resume auto)")
+                    break
+    finally:
+        bar.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        if args.report_to != "none":
+            acc.end_training()
+    if tr.step == args.max_steps:
+        acc.print(f"[gcrl] done: {args.max_steps} steps; model in {out / 'final'}")
+    return str(out)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, data.DataError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
