@@ -650,6 +650,10 @@ def experiment(args):
     import critique
     import data
     import train
+    bad = set(args.methods.split(",")) - {mode for _, mode in EXPERIMENT_METHODS[1:]}
+    if bad:
+        raise EvalError(f"--methods: unknown {sorted(bad)}; choose from c, g, gc")
+    methods = [(label, mode) for label, mode in EXPERIMENT_METHODS[1:] if mode in args.methods.split(",")]
     root = Path(args.experiment)
     root.mkdir(parents=True, exist_ok=True)
     limit = args.limit or 50
@@ -674,7 +678,7 @@ def experiment(args):
     common = ["--model", start, "--data", args.data, "--limit", str(args.train_limit), "--seed", str(args.seed),
               "--max-steps", str(args.rl_steps), "--questions-per-step", str(args.questions),
               "--lr", str(args.rl_lr)]
-    for label, mode in EXPERIMENT_METHODS[1:]:
+    for label, mode in methods:
         if not _done(root / mode):
             say(f"{label}: train.py --mode {mode}")
             extra = ["--static-pairs", args.static_pairs] if mode == "c" and args.static_pairs else []
@@ -691,13 +695,15 @@ def experiment(args):
         evals.append((f"gsm8k:{g / 'test_dev.jsonl'}", f"gsm8k-solutions:{g / 'model_solutions_dev.jsonl'}",
                       "eval-gsm8k"))
     paths = []
-    for label, mode in EXPERIMENT_METHODS:
+    rows = ([("base", "base")] if args.with_base else []) + EXPERIMENT_METHODS[:1] + methods
+    for label, mode in rows:
+        model = args.model if mode == "base" else str(root / mode / "final")
         for spec, crit_spec, name in evals:
             out = root / mode / f"{name}.json"
             if not out.exists():
                 say(f"eval {label} on {spec}")
                 run_eval(build_parser().parse_args(
-                    ["--model", str(root / mode / "final"), "--data", spec, "--critique-data", crit_spec,
+                    ["--model", model, "--data", spec, "--critique-data", crit_spec,
                      "--critique-limit", str(limit), "--limit", str(limit), "--label", label, "--out", str(out)]
                     + _eval_argv(args)))
             paths.append(str(out))
@@ -794,6 +800,8 @@ def build_parser():
     g.add_argument("--rl-steps", type=int, default=20, help="steps of each of C-RL, G-RL, GC-RL (paper: ~310)")
     g.add_argument("--questions", type=int, default=8, help="first-order questions per RL step (paper: 512)")
     g.add_argument("--rl-lr", type=float, default=5e-6, help="RL learning rate (paper: 1e-6 over ~310 steps)")
+    g.add_argument("--methods", default="c,g,gc", help="comma list of the RL runs to make and compare: c, g, gc")
+    g.add_argument("--with-base", action="store_true", help="also evaluate --model itself (before the cold start)")
     g.add_argument("--static-pairs", default=None, help="C-RL pair set (jsonl) instead of building it from the "
                                                         "cold-start model")
     g.add_argument("--gsm8k-dir", default=None, help="also eval on DIR/test_dev.jsonl + DIR/model_solutions_dev.jsonl "

@@ -794,7 +794,7 @@ def build_parser():
     a("--data", default="arith", help=f"data SPEC ({data.SPECS}); --mode sft: jsonl:PATH of "
                                       "{question, response, critique?} rows")
     a("--limit", type=int, default=None, help="use the first N records of --data (arith: generate N)")
-    a("--out", default="runs/train", help="run dir: config.json, metrics.jsonl, samples.jsonl, checkpoint-N/, final/")
+    a("--out", default="runs/train", help="run dir: train_config.json, metrics.jsonl, samples.jsonl, checkpoint-N/, final/")
     a("--prompt-style", choices=sorted(data.PROMPT_STYLES), default="plain",
       help="generation prompt (data.PROMPT_STYLES) of sft rows and of first-order rollouts")
     g = p.add_argument_group("rollout (first order)")
@@ -916,7 +916,7 @@ def main(argv=None):
             for f in ("metrics.jsonl", "samples.jsonl"):
                 (out / f).unlink(missing_ok=True)
         cfg = dict(vars(args), num_processes=tr.world, device=str(acc.device), torch=torch.__version__)
-        write_json_atomic(out / "config.json", cfg)
+        write_json_atomic(out / "train_config.json", cfg)  # not config.json: that name marks an HF model dir
     if args.report_to != "none":
         acc.init_trackers("gcrl", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
 

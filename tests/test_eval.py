@@ -425,7 +425,7 @@ def test_experiment_wiring_tiny(tiny_dir, tmp_path, capsys):
     assert {r["question"] for r in cold}.isdisjoint({r["question"] for r in data.load_data("arith", limit=4)})
     for mode in ("sft", "g", "c", "gc"):
         assert (root / mode / "final" / "config.json").is_file() and (root / mode / "metrics.jsonl").is_file()
-        cfg = json.loads((root / mode / "config.json").read_text())
+        cfg = json.loads((root / mode / "train_config.json").read_text())
         assert cfg["mode"] == mode
         if mode != "sft":  # same start, questions, steps and questions per step for every RL method
             assert cfg["model"] == str(root / "sft" / "final") and cfg["limit"] == 4 and cfg["max_steps"] == 1

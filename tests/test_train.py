@@ -263,7 +263,7 @@ def test_gc_step_end_to_end(monkeypatch, tiny_dir, qspec, tmp_path):
     state = json.loads((ck / "trainer_state.json").read_text())
     assert state["step"] == 1 and state["data"]["pos"] == 2 and len(state["ranks"]) == 1
     assert not list(out.glob("*.tmp"))
-    cfg = json.loads((out / "config.json").read_text())
+    cfg = json.loads((out / "train_config.json").read_text())
     assert cfg["mode"] == "gc" and cfg["num_processes"] == 1
 
 

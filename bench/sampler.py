@@ -1,0 +1,149 @@
+"""Sampler benchmark (issue 3): our Sampler vs HF `model.generate`, and both vs the decode ceiling.
+
+    python bench/sampler.py                 # fp32 and bf16, 3 runs each
+    python bench/sampler.py --quick         # 1 run, 32 new tokens: a smoke test
+    python bench/sampler.py --dtype bf16 --runs 5
+
+Work: SmolLM2-135M-Instruct (load_policy), 16 prompts x 4 samples = 64 rows, 128 new tokens each,
+sampling at temperature 1 over the full vocabulary with no stop token, so every row generates exactly
+`--new` tokens in both samplers (HF: min_new_tokens = max_new_tokens, top_k=0). Same inputs, same
+dtype, one process; the contenders alternate within each run and we report min/median/max tok/s.
+
+Decode ceiling: one decode step's matrix multiplies alone — the model's own weights at batch 64
+(q, k, v, o, gate, up, down per layer, then lm_head), no attention, no norms, no sampling — timed
+the same way, as tokens/s. A sampler's `ceiling_fraction` is its end-to-end tok/s (prefill
+included) over the ceiling's. Peak memory: resource.getrusage maxrss of this process.
+
+The last line printed is one JSON object.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rollout import Sampler, load_policy  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def prompts_for(tok, k, seed=0):
+    """k generation prompts (token ids): arith questions through data.gen_prompt when data.py is there."""
+    try:
+        from data import gen_prompt, load_data
+        return [gen_prompt(tok, r["question"]) for r in load_data("arith", limit=k, seed=seed)]
+    except Exception:  # a fallback that needs nothing but the tokenizer
+        qs = [f"Tom has {3 * i + 7} apples and gets {i + 2} more. How many apples does he have now?" for i in range(k)]
+        return [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
+                                        return_dict=False) for q in qs]
+
+
+def run_ours(sampler, prompts, n, new, seed):
+    t = time.perf_counter()
+    out = sampler.generate(prompts, n=n, max_new_tokens=new, temperature=1.0, stop_ids=[], seed=seed)
+    dt = time.perf_counter() - t
+    assert all(o["length"] == new for o in out)
+    return len(out) * new / dt, sampler.stats["decode_s"], dt
+
+
+def run_hf(model, tok, prompts, n, new, seed):
+    tok.padding_side = "left"
+    width = max(map(len, prompts))
+    pad = tok.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    torch.manual_seed(seed)
+    t = time.perf_counter()
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                         num_return_sequences=n, max_new_tokens=new, min_new_tokens=new, pad_token_id=pad)
+    dt = time.perf_counter() - t
+    assert out.shape == (len(prompts) * n, width + new)
+    return out.shape[0] * new / dt, dt
+
+
+def step_matmuls(model, batch, reps):
+    """Tokens/s of one decode step's matmuls alone (the model's weights, batch rows, lm_head included)."""
+    m = model.model
+    x = torch.randn(batch, model.config.hidden_size, dtype=model.dtype)
+    xi = torch.randn(batch, model.config.intermediate_size, dtype=model.dtype)
+    xo = torch.randn(batch, m.layers[0].self_attn.o_proj.in_features, dtype=model.dtype)
+
+    def step():
+        for layer in m.layers:
+            a, f = layer.self_attn, layer.mlp
+            F.linear(x, a.q_proj.weight), F.linear(x, a.k_proj.weight), F.linear(x, a.v_proj.weight)
+            F.linear(xo, a.o_proj.weight)
+            F.linear(x, f.gate_proj.weight), F.linear(x, f.up_proj.weight), F.linear(xi, f.down_proj.weight)
+        F.linear(x, model.lm_head.weight)
+
+    with torch.inference_mode():
+        step()  # warm-up
+        t = time.perf_counter()
+        for _ in range(reps):
+            step()
+        return batch * reps / (time.perf_counter() - t)
+
+
+def stats(xs):
+    return dict(min=round(min(xs), 2), median=round(statistics.median(xs), 2), max=round(max(xs), 2))
+
+
+def bench_dtype(name, args):
+    model, tok = load_policy(args.model, dtype=DTYPES[name])
+    prompts = prompts_for(tok, args.prompts)
+    sampler = Sampler(model, max_batch=args.prompts * args.n, max_len=max(map(len, prompts)) + args.new + 1)
+    rows = args.prompts * args.n
+    # warm-up (allocations, MKL/oneDNN kernel selection) on a short run of each
+    run_ours(sampler, prompts, args.n, 4, 0)
+    run_hf(model, tok, prompts, args.n, 4, 0)
+    ours, ours_decode, hf, ceil = [], [], [], []
+    for r in range(args.runs):
+        tps, dec_s, _ = run_ours(sampler, prompts, args.n, args.new, r)
+        ours.append(tps)
+        ours_decode.append(rows * (args.new - 1) / dec_s)  # decode steps only (first token comes from prefill)
+        hf.append(run_hf(model, tok, prompts, args.n, args.new, r)[0])
+        ceil.append(step_matmuls(model, rows, args.ceiling_reps))
+        print(f"[{name}] run {r + 1}/{args.runs}: ours {tps:.1f} tok/s (decode-only {ours_decode[-1]:.1f}), "
+              f"generate {hf[-1]:.1f} tok/s, ceiling {ceil[-1]:.1f} tok/s", file=sys.stderr, flush=True)
+    med = statistics.median
+    return {
+        f"ours_tok_s_{name}": stats(ours), f"ours_decode_tok_s_{name}": stats(ours_decode),
+        f"generate_tok_s_{name}": stats(hf), f"ceiling_tok_s_{name}": stats(ceil),
+        f"ratio_{name}": round(med(ours) / med(hf), 3),
+        f"ceiling_fraction_{name}": round(med(ours) / med(ceil), 3),
+        f"ceiling_fraction_decode_{name}": round(med(ours_decode) / med(ceil), 3),
+        f"generate_ceiling_fraction_{name}": round(med(hf) / med(ceil), 3),
+        f"prompt_tokens_{name}": sum(map(len, prompts)),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m", help="alias, HF id or checkpoint dir")
+    ap.add_argument("--dtype", default="both", choices=["fp32", "bf16", "both"], help="model/compute dtype")
+    ap.add_argument("--runs", type=int, default=3, help="timed runs per contender (median reported)")
+    ap.add_argument("--prompts", type=int, default=16, help="distinct prompts")
+    ap.add_argument("--n", type=int, default=4, help="samples per prompt (rows = prompts * n)")
+    ap.add_argument("--new", type=int, default=128, help="new tokens per row")
+    ap.add_argument("--ceiling-reps", type=int, default=20, help="decode steps timed for the ceiling")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 1 run, 32 new tokens")
+    args = ap.parse_args()
+    if args.quick:
+        args.runs, args.new, args.ceiling_reps = 1, 32, 5
+    res = dict(model=args.model, rows=args.prompts * args.n, new_tokens=args.new, runs=args.runs,
+               threads=torch.get_num_threads(), cpu_count=os.cpu_count(), torch=torch.__version__)
+    for name in (["fp32", "bf16"] if args.dtype == "both" else [args.dtype]):
+        res.update(bench_dtype(name, args))
+    res["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
