@@ -11,12 +11,15 @@ updates every step. The `Sampler` runs the decoder itself (DESIGN.md §4):
   - it reads the HF module's parameters in place: no copy, no weight sync, nothing to invalidate;
   - the KV cache is one preallocated tensor per K and V, `(L, B, T, Hkv, D)`, with per-row lengths
     (`cache_seqlens`), reused across calls (reallocated only when a call needs more);
-  - each distinct prompt is prefilled once and its KV written to its `n` rows (prefix sharing);
-    prompts of different lengths share a batch with no padding inside any row: every row's tokens
-    sit at cache positions 0..len-1 and decode uses per-row positions and an explicit mask;
+  - each distinct prompt is prefilled once and its KV written to its `n` rows (prefix sharing), a
+    head common to all prompts of a batch (a system prompt) once for all rows; prompts of different
+    lengths share a batch with no padding inside any row: every row's tokens sit at cache positions
+    0..len-1 and decode uses per-row positions and an explicit mask;
   - rows that stop are dropped from compute at once: the last live rows move into their cache slots
     (a copy of the moved rows only), so the decode batch shrinks as rows finish;
-  - attention is `flash_attn_with_kvcache` on CUDA with flash-attn installed, else SDPA with a mask.
+  - attention is `flash_attn_with_kvcache` on CUDA with flash-attn installed, else SDPA with a mask;
+    on CPU a prompt's n rows attend to its (shared) prompt KV in one go, their own tokens apart,
+    and the two softmaxes are merged (`Sampler.share_prompts`).
 Supported: Llama-family decoders — llama, mistral, qwen2 (qkv bias), qwen3 (q/k RMSNorm) — with any
 RoPE whose frequencies do not depend on the sequence length (default, linear, llama3, yarn, ...).
 Deliberately not done: CUDA graphs / torch.compile, speculative decoding, paged KV.
