@@ -22,9 +22,9 @@ setup: $(STAMP)  ## create .venv and install everything
 DEMO ?= runs/demo
 demo: setup  ## the main job on built-in defaults: CPU, offline, ~15 min
 	$(BIN)/python eval.py --experiment $(DEMO) --methods gc --with-base --data arith:1 \
-	  --limit 48 --k 2 --no-selection --max-new-tokens 96 --critique-max-new-tokens 128 --dtype bf16 \
-	  --train-limit 256 --cold-start-n 128 --sft-steps 30 --sft-batch 8 --sft-lr 5e-5 \
-	  --rl-steps 10 --questions 4 --rl-lr 2e-6 \
+	  --limit 32 --k 2 --no-selection --max-new-tokens 96 --critique-max-new-tokens 128 --dtype bf16 \
+	  --train-limit 256 --cold-start-n 128 --sft-steps 24 --sft-batch 8 --sft-lr 5e-5 \
+	  --rl-steps 6 --questions 4 --rl-lr 5e-6 \
 	  --train-args --mixed-precision bf16 --num-generations 4 --pairs-per-step 4 --critiques-per-pair 4 \
 	    --max-completion-length 96 --max-critique-length 128
 
