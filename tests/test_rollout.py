@@ -194,12 +194,13 @@ def test_stop_ids_and_max_new_tokens():
 
 def test_stop_on_the_last_allowed_token_is_not_truncated():
     s = Sampler(tiny())
-    free = s.generate(PROMPTS[:1], max_new_tokens=5, temperature=0)[0]["tokens"]
-    stop = free[-1]
-    if stop in free[:-1]:
-        pytest.skip("last greedy token also occurs earlier")
-    o = s.generate(PROMPTS[:1], max_new_tokens=5, temperature=0, stop_ids=[stop])[0]
-    assert o["length"] == 5 and not o["truncated"]
+    # a prompt whose 5th greedy token appears only there, so stopping on it stops exactly at the budget
+    cases = [(p, s.generate([p], max_new_tokens=5, temperature=0)[0]["tokens"]) for p in PROMPTS]
+    cases = [(p, f) for p, f in cases if f[-1] not in f[:-1]]
+    assert cases, "no prompt has a unique last greedy token: change PROMPTS"
+    p, free = cases[0]
+    o = s.generate([p], max_new_tokens=5, temperature=0, stop_ids=[free[-1]])[0]
+    assert o["tokens"] == free and o["length"] == 5 and not o["truncated"]
 
 
 def test_max_len_truncates_rows():
