@@ -567,13 +567,13 @@ class Sampler:
 # ----------------------------------------------------------------------------- first-order rollout
 
 
-def first_order_rollout(sampler, tokenizer, records, n, **gen_kwargs):
+def first_order_rollout(sampler, tokenizer, records, n, style="plain", **gen_kwargs):
     """Sample `n` responses to each record's question (DESIGN.md §2 step 1). One dict per response,
     question-major: {"q_index", "id", "prompt_ids", "tokens", "logprobs", "text", "truncated", "length"}.
-    stop_ids default to default_stop_ids(tokenizer)."""
+    `style` names the generation prompt (data.PROMPT_STYLES); stop_ids default to default_stop_ids(tokenizer)."""
     from data import gen_prompt
 
-    prompts = [gen_prompt(tokenizer, r["question"]) for r in records]
+    prompts = [gen_prompt(tokenizer, r["question"], style) for r in records]
     gen_kwargs.setdefault("stop_ids", default_stop_ids(tokenizer))
     outs = sampler.generate(prompts, n=n, **gen_kwargs)
     return [dict(q_index=o["prompt_index"], id=records[o["prompt_index"]]["id"], prompt_ids=prompts[o["prompt_index"]],

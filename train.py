@@ -41,7 +41,6 @@ no vLLM; refinement tokens (--denoise) are scored, never trained; the sampler ru
 import argparse
 import hashlib
 import importlib.util
-import inspect
 import json
 import math
 import os
@@ -385,10 +384,6 @@ class Trainer:
         if a.questions_per_step % W:
             raise ConfigError(f"--questions-per-step {a.questions_per_step} must be divisible by the number of "
                               f"processes ({W}): each rank samples whole groups of its own questions")
-        if a.mode != "sft" and a.prompt_style != "plain" and \
-                "style" not in inspect.signature(rollout.first_order_rollout).parameters:
-            raise ConfigError(f"--prompt-style {a.prompt_style}: this rollout.first_order_rollout has no `style` "
-                              f"argument, so RL modes use the 'plain' prompt only (--mode sft honours the flag)")
         if a.mode in ("gc", "c") and a.pairs_per_step % W:
             raise ConfigError(f"--pairs-per-step {a.pairs_per_step} must be divisible by the number of processes ({W})")
 
@@ -428,7 +423,7 @@ class Trainer:
         kw = dict(max_new_tokens=a.max_critique_length if critique_turn else a.max_completion_length,
                   temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, stop_ids=self.stop_ids)
         if a.prompt_style != "plain" and not critique_turn:
-            kw["style"] = a.prompt_style  # checked in _validate: first_order_rollout must take it
+            kw["style"] = a.prompt_style
         return kw
 
     def all_sum(self, values):

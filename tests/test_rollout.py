@@ -399,3 +399,16 @@ def test_gguf_conversion_round_trip(converted):
     # the sampler on the real model agrees with it too
     assert (Sampler(model, max_len=128).logits(ids) - a[0]).abs().max().item() <= 1e-3
     assert set(default_stop_ids(tok)) >= {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
+
+
+def test_first_order_rollout_uses_the_prompt_style(tokenizer):
+    import data
+    from conftest import make_model
+    from rollout import first_order_rollout
+    s = Sampler(make_model(vocab_size=len(tokenizer)))
+    recs = data.load_data("arith:1", limit=2)
+    out = first_order_rollout(s, tokenizer, recs, 2, style="oneshot", max_new_tokens=3, seed=0)
+    assert [o["q_index"] for o in out] == [0, 0, 1, 1]
+    assert all("Example solution" in tokenizer.decode(o["prompt_ids"]) for o in out)
+    plain = first_order_rollout(s, tokenizer, recs, 1, max_new_tokens=3, seed=0)
+    assert "Example solution" not in tokenizer.decode(plain[0]["prompt_ids"])
