@@ -175,9 +175,9 @@ def _spec(model):
     )
 
 
-def _rms(x, norm):
+def _rms(x, weight, eps):
     """HF RMSNorm with HF's rounding: normalize (in fp32 inside the kernel), cast back, scale by the weight."""
-    return norm.weight * F.rms_norm(x, x.shape[-1:], eps=norm.variance_epsilon)
+    return weight * F.rms_norm(x, x.shape[-1:], eps=eps)
 
 
 def _rope(x, cos, sin):
@@ -238,13 +238,17 @@ class Sampler:
     between calls (an optimizer step, a dtype or device move): nothing is cached but the KV memory.
 
     `max_batch`: rows decoded at once (more run in chunks); `max_len`: prompt + completion tokens per
-    row (a row reaching it stops, truncated). `stats` after each generate(): prefill_s, decode_s,
+    row (a row reaching it stops, truncated). `dtype`: compute in this dtype instead of the model's,
+    e.g. bf16 sampling for a trainer that keeps fp32 weights: each call casts the weights once (a
+    temporary copy, freed when the call returns), as autocast would per matmul. `stats` after each generate(): prefill_s, decode_s,
     tokens (generated), rows."""
 
-    def __init__(self, model, max_batch=64, max_len=1024):
+    def __init__(self, model, max_batch=64, max_len=1024, dtype=None):
         self.model = model
         self.spec = _spec(model)
         self.max_batch, self.max_len = max_batch, max_len
+        self.dtype = dtype  # compute dtype; None: the model's own
+        self._cast = {}  # during a call: id(parameter) -> its copy in the compute dtype (see _weights)
         self.share_prompts = True  # shared-prompt decode attention on CPU (see _decode)
         self.k_cache = self.v_cache = None  # (L, B, T, Hkv, D) each
         self.stats = {}
@@ -253,7 +257,7 @@ class Sampler:
     def _ensure_cache(self, batch, length):
         """Allocate (or grow) the cache to hold `batch` rows of `length` tokens. Zero-filled once, so
         masked-out slots never hold NaN (0 * NaN would leak through the softmax-weighted sum)."""
-        p = self.model.lm_head.weight
+        p = self._w(self.model.lm_head.weight)
         s = self.spec
         if (self.k_cache is not None and self.k_cache.shape[1] >= batch and self.k_cache.shape[2] >= length
                 and self.k_cache.dtype == p.dtype and self.k_cache.device == p.device):
@@ -265,6 +269,18 @@ class Sampler:
         shape = (s["n_layers"], batch, length, s["n_kv"], s["head_dim"])
         self.k_cache = torch.zeros(shape, dtype=p.dtype, device=p.device)
         self.v_cache = torch.zeros(shape, dtype=p.dtype, device=p.device)
+
+    # -- weights in the compute dtype
+    def _weights(self):
+        """Start of a call: cast copies of the parameters not already in the compute dtype (none when
+        it is the model's own: the forward then reads the parameters in place)."""
+        dtype = self.dtype or self.model.lm_head.weight.dtype
+        self._cast = {id(t): t.detach().to(dtype) for t in self.model.parameters()
+                      if t.is_floating_point() and t.dtype != dtype}
+
+    def _w(self, t):
+        """A parameter (or None, a missing bias) as the forward reads it: its cast copy if it has one."""
+        return None if t is None else self._cast.get(id(t), t)
 
     def _rope_table(self, length, dtype, device):
         """cos, sin (length, D) for positions 0..length-1, computed like HF (fp32, then cast)."""
@@ -284,29 +300,31 @@ class Sampler:
         and returns the attention output (N, Hq, D). Returns the final hidden states (N, hidden)."""
         s = self.spec
         m = self.model.model
+        W = self._w
+        norm = lambda x, n: _rms(x, W(n.weight), n.variance_epsilon)  # noqa: E731
         cos, sin = cos[:, None, :], sin[:, None, :]
-        x = F.embedding(ids, m.embed_tokens.weight)  # (N, hidden)
+        x = F.embedding(ids, W(m.embed_tokens.weight))  # (N, hidden)
         N = x.shape[0]
         for i, layer in enumerate(m.layers):
             a, mlp = layer.self_attn, layer.mlp
-            h = _rms(x, layer.input_layernorm)
-            q = F.linear(h, a.q_proj.weight, a.q_proj.bias).view(N, s["n_heads"], s["head_dim"])
-            k = F.linear(h, a.k_proj.weight, a.k_proj.bias).view(N, s["n_kv"], s["head_dim"])
-            v = F.linear(h, a.v_proj.weight, a.v_proj.bias).view(N, s["n_kv"], s["head_dim"])
+            h = norm(x, layer.input_layernorm)
+            q = F.linear(h, W(a.q_proj.weight), W(a.q_proj.bias)).view(N, s["n_heads"], s["head_dim"])
+            k = F.linear(h, W(a.k_proj.weight), W(a.k_proj.bias)).view(N, s["n_kv"], s["head_dim"])
+            v = F.linear(h, W(a.v_proj.weight), W(a.v_proj.bias)).view(N, s["n_kv"], s["head_dim"])
             if s["qk_norm"]:
-                q, k = _rms(q, a.q_norm), _rms(k, a.k_norm)
+                q, k = norm(q, a.q_norm), norm(k, a.k_norm)
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             o = attend(i, q, k, v).reshape(N, -1)
-            x = x + F.linear(o, a.o_proj.weight, a.o_proj.bias)
-            h = _rms(x, layer.post_attention_layernorm)
-            g = F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)
-            u = F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias)
-            x = x + F.linear(F.silu(g).mul_(u), mlp.down_proj.weight, mlp.down_proj.bias)
-        return _rms(x, m.norm)
+            x = x + F.linear(o, W(a.o_proj.weight), W(a.o_proj.bias))
+            h = norm(x, layer.post_attention_layernorm)
+            g = F.linear(h, W(mlp.gate_proj.weight), W(mlp.gate_proj.bias))
+            u = F.linear(h, W(mlp.up_proj.weight), W(mlp.up_proj.bias))
+            x = x + F.linear(F.silu(g).mul_(u), W(mlp.down_proj.weight), W(mlp.down_proj.bias))
+        return norm(x, m.norm)
 
     def _logits(self, h):
         """fp32 logits (N, V) from final hidden states; lm_head in the model's dtype, as HF."""
-        return F.linear(h, self.model.lm_head.weight).float()
+        return F.linear(h, self._w(self.model.lm_head.weight)).float()
 
     def _prefill(self, ids, start, rows, cos, sin):
         """Prefill prompt tokens `ids` (P',) at positions start..start+P'-1 into cache rows
@@ -453,13 +471,17 @@ class Sampler:
     def logits(self, ids):
         """fp32 logits (P, V) at every position of one sequence `ids`, through the sampler's own
         forward (cache row 0). For tests and debugging: they match the HF model's."""
-        p = self.model.lm_head.weight
-        ids = torch.as_tensor(ids, dtype=torch.long, device=p.device)
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.model.lm_head.weight.device)
         if not 0 < ids.shape[0] <= self.max_len:
             raise ValueError(f"sequence length {ids.shape[0]} must be in 1..{self.max_len} (Sampler max_len)")
-        self._ensure_cache(1, ids.shape[0])
-        cos, sin = self._rope_table(ids.shape[0], p.dtype, p.device)
-        return self._logits(self._prefill(ids, 0, (0, 1), cos, sin))
+        self._weights()
+        try:
+            p = self._w(self.model.lm_head.weight)
+            self._ensure_cache(1, ids.shape[0])
+            cos, sin = self._rope_table(ids.shape[0], p.dtype, p.device)
+            return self._logits(self._prefill(ids, 0, (0, 1), cos, sin))
+        finally:
+            self._cast = {}
 
     @torch.inference_mode()
     def generate(self, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0, stop_ids=None,
@@ -482,14 +504,18 @@ class Sampler:
         rows = [(p, j) for p in range(len(prompts)) for j in range(n)]
         per_chunk = (self.max_batch // n) * n if n <= self.max_batch else self.max_batch
         out = []
-        for c in range(0, len(rows), per_chunk):
-            out += self._generate_chunk(prompts, rows[c:c + per_chunk], max_new_tokens, temperature, top_p, top_k,
-                                        stop, gen)
+        self._weights()
+        try:
+            for c in range(0, len(rows), per_chunk):
+                out += self._generate_chunk(prompts, rows[c:c + per_chunk], max_new_tokens, temperature, top_p,
+                                            top_k, stop, gen)
+        finally:
+            self._cast = {}
         return out
 
     def _generate_chunk(self, prompts, rows, max_new, temperature, top_p, top_k, stop, gen):
         device = self.model.lm_head.weight.device
-        dtype = self.model.lm_head.weight.dtype
+        dtype = self._w(self.model.lm_head.weight).dtype
         R = len(rows)
         plen = [len(prompts[p]) for p, _ in rows]
         T = min(self.max_len, max(plen) + max_new)

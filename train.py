@@ -35,8 +35,9 @@ no weight copy or sync, and gradient checkpointing (an HF-forward, training-mode
 The trainer recomputes log-probs with the HF forward on fp32 logits; their gap to the sampler's is logged.
 
 Deliberately not done: no value model (GRPO), no reward model (rule-based rewards only), no sequence packing,
-no vLLM; refinement tokens (--denoise) are scored, never trained; the sampler runs in the model's own dtype
-(fp32 master weights) even with --mixed-precision bf16, which only affects the trainer's forward/backward.
+no vLLM; refinement tokens (--denoise) are scored, never trained. The weights stay fp32 (master copy); with
+--mixed-precision bf16 the sampler computes in bf16 too (--sampler-dtype auto), from a bf16 cast of the weights
+made once per generate call.
 """
 import argparse
 import hashlib
@@ -353,7 +354,10 @@ class Trainer:
         if a.beta and a.mode != "sft":
             ref_lm, _ = rollout.load_policy(a.model, dtype=torch.float32, device=acc.device)
             self.ref = Policy(ref_lm).eval().requires_grad_(False)
-        self.sampler = rollout.Sampler(self.lm(), max_batch=a.sampler_batch, max_len=a.max_seq_len)
+        sdt = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(a.sampler_dtype)
+        if a.sampler_dtype == "auto":  # sample in the precision the trainer computes in
+            sdt = torch.bfloat16 if a.mixed_precision == "bf16" else None
+        self.sampler = rollout.Sampler(self.lm(), max_batch=a.sampler_batch, max_len=a.max_seq_len, dtype=sdt)
         self.stop_ids = rollout.default_stop_ids(self.tok)
         self.temperature = a.temperature if a.temperature > 0 else 1.0  # greedy sampling: log-probs at T=1
 
@@ -802,6 +806,9 @@ def build_parser():
     g.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
     g.add_argument("--sampler-batch", type=int, default=64, help="sampler rows per chunk (KV cache rows)")
     g.add_argument("--max-seq-len", type=int, default=2048, help="sampler max prompt + completion tokens")
+    g.add_argument("--sampler-dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="sampling precision (auto: bf16 with --mixed-precision bf16, else fp32); the trainer "
+                        "recomputes old log-probs itself, so this changes which samples are drawn, not the loss")
     g = p.add_argument_group("critique (second order)")
     g.add_argument("--pairs-per-step", type=int, default=4, help="<question, response> pairs critiqued per step "
                                                                  "over all processes")

@@ -301,6 +301,28 @@ def test_bf16_runs():
         assert (lp - ref).abs().max() < 0.15  # bf16 rounding, not a different distribution
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_dtype_option_samples_fp32_weights_in_bf16(arch):
+    """Sampler(dtype=bf16) over fp32 weights (a trainer's master copy) samples exactly what a sampler
+    over a bf16 copy of the model samples, leaves the fp32 weights alone, and sees later updates."""
+    model = tiny(arch)
+    ref = Sampler(tiny(arch).to(torch.bfloat16))
+    ref.model.model.rotary_emb.inv_freq = model.model.rotary_emb.inv_freq.clone()  # as from_pretrained(bf16): fp32
+    s = Sampler(model, dtype=torch.bfloat16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kw = dict(n=2, max_new_tokens=8, temperature=1.0, seed=3)
+    got, want = s.generate(PROMPTS, **kw), ref.generate(PROMPTS, **kw)
+    assert [o["tokens"] for o in got] == [o["tokens"] for o in want]
+    assert [o["logprobs"] for o in got] == [o["logprobs"] for o in want]
+    assert s.k_cache.dtype == torch.bfloat16 and s._cast == {}  # the cast copy is freed after the call
+    assert model.dtype == torch.float32
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    torch.testing.assert_close(s.logits(PROMPTS[0]), ref.logits(PROMPTS[0]), rtol=0, atol=0)
+    with torch.no_grad():  # an optimizer step on the fp32 weights: the next call must use it
+        model.lm_head.weight.mul_(-1)
+        ref.model.lm_head.weight.mul_(-1)
+    assert torch.equal(s.logits(PROMPTS[1]), ref.logits(PROMPTS[1]))
+
 def test_unsupported_architecture():
     from transformers import GPT2Config, GPT2LMHeadModel
     model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))

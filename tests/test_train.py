@@ -44,7 +44,7 @@ NOISY = ("time/", "tokens_per_s")  # wall-clock metrics: never compared
 class ScriptedSampler:
     """rollout.Sampler's interface with canned completions (see module docstring)."""
 
-    def __init__(self, model, max_batch=64, max_len=1024):
+    def __init__(self, model, max_batch=64, max_len=1024, dtype=None):
         self.model, self.tok = model, make_tokenizer()
         self.stats = {}
 
@@ -277,6 +277,26 @@ def test_step_without_pairs_runs_generation_half_alone(tiny_dir, qspec, tmp_path
     assert "reward/critique" not in row and "loss" not in row and row["update/seqs"] == 0
     before, after = params(tiny_dir), params(out / "final")
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("flag,want", [("auto", torch.bfloat16), ("fp32", torch.float32)])
+def test_bf16_training_samples_in_bf16(monkeypatch, tiny_dir, qspec, tmp_path, flag, want):
+    """--mixed-precision bf16 keeps fp32 master weights and (by default) samples in bf16 from them."""
+    made = []
+
+    class Recording(rollout.Sampler):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(rollout, "Sampler", Recording)
+    out = tmp_path / flag
+    train.main(base_args(tiny_dir, qspec, out, **{"--mode": "g", "--mixed-precision": "bf16",
+                                                  "--sampler-dtype": flag, "--max-completion-length": 8}))
+    (s,) = made
+    assert s.k_cache.dtype == want and s.model.lm_head.weight.dtype == torch.float32
+    (row,) = metrics(out)
+    assert row["len/response"] > 0 and math.isfinite(row["reward/response"])
 
 
 def test_resume_continues_exactly(monkeypatch, tiny_dir, qspec, tmp_path):
