@@ -18,15 +18,19 @@ $(STAMP): requirements.txt
 
 setup: $(STAMP)  ## create .venv and install everything
 
-# The demo: cold start (SFT on program-written solutions + critiques) -> GC-RL -> before/after table + plots.
+# Both jobs below: cold start (SFT on program-written solutions + critiques), then RL, then a table + plots,
+# sized for a 2-core CPU (arith level 1, 4 questions x 4 responses and 4 pairs x 4 critiques per step, bf16).
+# Scale up on a GPU: drop --dtype/--limit caps, raise --rl-steps, --questions, --train-args sizes.
+CPU_RUN := --data arith:1 --limit 32 --k 2 --no-selection --max-new-tokens 96 --critique-max-new-tokens 128 \
+  --dtype bf16 --train-limit 256 --cold-start-n 128 --sft-steps 24 --sft-batch 8 --sft-lr 5e-5 \
+  --questions 4 --rl-lr 5e-6
+CPU_TRAIN := --mixed-precision bf16 --num-generations 4 --pairs-per-step 4 --critiques-per-pair 4 \
+  --max-completion-length 96 --max-critique-length 128 --static-questions 32 --static-k 4
+
 DEMO ?= runs/demo
-demo: setup  ## the main job on built-in defaults: CPU, offline, ~15 min
-	$(BIN)/python eval.py --experiment $(DEMO) --methods gc --with-base --data arith:1 \
-	  --limit 32 --k 2 --no-selection --max-new-tokens 96 --critique-max-new-tokens 128 --dtype bf16 \
-	  --train-limit 256 --cold-start-n 128 --sft-steps 24 --sft-batch 8 --sft-lr 5e-5 \
-	  --rl-steps 6 --questions 4 --rl-lr 5e-6 \
-	  --train-args --mixed-precision bf16 --num-generations 4 --pairs-per-step 4 --critiques-per-pair 4 \
-	    --max-completion-length 96 --max-critique-length 128
+demo: setup  ## the main job: base -> cold start -> GC-RL, before/after table. CPU, offline, ~15 min
+	$(BIN)/python eval.py --experiment $(DEMO) --methods gc --with-base --rl-steps 6 $(CPU_RUN) \
+	  --train-args $(CPU_TRAIN)
 
 test: setup  ## the test suite: CPU, offline
 	$(BIN)/python -m pytest
@@ -37,8 +41,10 @@ bench: setup  ## benchmarks; each prints a JSON line last
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/vs_trl.py
 
-experiment: setup  ## G-RL vs C-RL vs GC-RL at small scale, then the paper-style table
-	$(BIN)/python eval.py --experiment runs/experiment
+EXPERIMENT ?= runs/experiment
+experiment: setup  ## C-RL vs G-RL vs GC-RL from one cold start, then the paper-style table. CPU, ~35 min
+	$(BIN)/python eval.py --experiment $(EXPERIMENT) --methods c,g,gc --rl-steps 12 $(CPU_RUN) \
+	  --train-args $(CPU_TRAIN)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
