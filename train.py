@@ -589,7 +589,10 @@ class Trainer:
             for k, chunk in enumerate(chunks):
                 n_tok, n_seq = cnt[k]
                 step_loss = 0.0
-                for micro in (chunk[j::G] for j in range(G)):  # exactly G micro-batches (some maybe empty)
+                # exactly G micro-batches (some maybe empty) of similar lengths, so little padding: the
+                # chunk sorted by sequence length and cut into G runs
+                srt = sorted(chunk, key=lambda i: len(seqs[i]["prompt_ids"]) + len(seqs[i]["tokens"]))
+                for micro in (srt[j * len(srt) // G:(j + 1) * len(srt) // G] for j in range(G)):
                     dummy = not micro
                     rows = [seqs[i] for i in micro] if micro else [seqs[0]]  # an empty share still joins DDP
                     with acc.accumulate(self.model):
@@ -854,7 +857,8 @@ def build_parser():
                    help="passes over each rollout (old log-probs from the trainer)")
     g.add_argument("--mini-batch-size", type=int, default=0,
                    help="sequences per optimizer update per process (0: the whole rollout, one update per pass)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update (forward/backward pieces)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update (forward/backward pieces of similar "
+                   "length): divides the update's activation memory, same update")
     g.add_argument("--logprob-batch", type=int, default=16, help="rows per no-grad old / reference log-prob pass")
     g.add_argument("--mixed-precision", choices=("no", "bf16"), default="no",
                    help="bf16 autocast for the trainer's forward/backward (CPU and GPU)")

@@ -3,6 +3,7 @@
     python bench/sampler.py                 # fp32 and bf16, 3 runs each
     python bench/sampler.py --quick         # 1 run, 32 new tokens: a smoke test
     python bench/sampler.py --dtype bf16 --runs 5
+    python bench/sampler.py --dtype bf16 --runs 1 --profile   # where a decode step's time goes
 
 Work: SmolLM2-135M-Instruct (load_policy), 16 prompts x 4 samples = 64 rows, 128 new tokens each,
 sampling at temperature 1 over the full vocabulary with no stop token, so every row generates exactly
@@ -91,6 +92,22 @@ def step_matmuls(model, batch, reps):
         return batch * reps / (time.perf_counter() - t)
 
 
+def profile_ours(sampler, prompts, n, new):
+    """Where one generate() spends its time (torch.profiler, self CPU time): matmuls, attention, the rest,
+    in ms per decode step (prefill included, it is ~10% of the total). Printed per op to stderr."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        sampler.generate(prompts, n=n, max_new_tokens=new, temperature=1.0, stop_ids=[], seed=99)
+    ops = prof.key_averages()
+    print(ops.table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr)
+    part = dict(matmul=0.0, attention=0.0, other=0.0)
+    for e in ops:
+        kind = ("matmul" if e.key in ("aten::mm", "aten::addmm", "aten::bmm") else
+                "attention" if "scaled_dot_product" in e.key else "other")
+        part[kind] += e.self_cpu_time_total / 1e3 / new  # us -> ms per step
+    return {k: round(v, 1) for k, v in part.items()}
+
+
 def stats(xs):
     return dict(min=round(min(xs), 2), median=round(statistics.median(xs), 2), max=round(max(xs), 2))
 
@@ -113,7 +130,8 @@ def bench_dtype(name, args):
         print(f"[{name}] run {r + 1}/{args.runs}: ours {tps:.1f} tok/s (decode-only {ours_decode[-1]:.1f}), "
               f"generate {hf[-1]:.1f} tok/s, ceiling {ceil[-1]:.1f} tok/s", file=sys.stderr, flush=True)
     med = statistics.median
-    return {
+    prof = {f"profile_ms_per_step_{name}": profile_ours(sampler, prompts, args.n, args.new)} if args.profile else {}
+    return {**prof,
         f"ours_tok_s_{name}": stats(ours), f"ours_decode_tok_s_{name}": stats(ours_decode),
         f"generate_tok_s_{name}": stats(hf), f"ceiling_tok_s_{name}": stats(ceil),
         f"ratio_{name}": round(med(ours) / med(hf), 3),
@@ -134,6 +152,8 @@ def main():
     ap.add_argument("--new", type=int, default=128, help="new tokens per row")
     ap.add_argument("--ceiling-reps", type=int, default=20, help="decode steps timed for the ceiling")
     ap.add_argument("--quick", action="store_true", help="smoke test: 1 run, 32 new tokens")
+    ap.add_argument("--profile", action="store_true", help="also profile one run of ours: ms per decode step in "
+                    "matmuls, attention and the rest (the profiler slows it; not used for the tok/s)")
     args = ap.parse_args()
     if args.quick:
         args.runs, args.new, args.ceiling_reps = 1, 32, 5

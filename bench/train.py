@@ -27,7 +27,6 @@ The last line printed is one JSON object.
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ import torch  # noqa: E402
 import data  # noqa: E402
 import rollout  # noqa: E402
 import train  # noqa: E402
+from vs_trl import peak_mib  # noqa: E402  (bench/vs_trl.py; imports trl only when run)
 
 
 def stats(xs, nd=2):
@@ -194,16 +194,6 @@ def phases(args):
                 phase_len_critique=[round(r.get("len/critique", 0.0), 1) for r in rows],
                 phase_gen_tokens_per_s=stats([r["tokens_per_s"] for r in later], 1),
                 peak_rss_mib_phases=json.loads((PHASE_OUT / "peak.json").read_text())["peak_rss_mib"])
-
-
-def peak_mib():
-    """Peak resident memory of this process in MiB: VmHWM where Linux has it (ru_maxrss of a child would include
-    its parent's resident memory at fork time: Linux carries it across fork and exec), else ru_maxrss."""
-    try:
-        with open("/proc/self/status") as f:
-            return round(int(next(ln for ln in f if ln.startswith("VmHWM:")).split()[1]) / 1024)
-    except (OSError, StopIteration):
-        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def main():
