@@ -28,7 +28,7 @@ CPU_TRAIN := --mixed-precision bf16 --num-generations 4 --pairs-per-step 4 --cri
   --max-completion-length 96 --max-critique-length 128 --static-questions 32 --static-k 4
 
 DEMO ?= runs/demo
-demo: setup  ## the main job: base -> cold start -> GC-RL, before/after table. CPU, offline, ~15 min
+demo: setup  ## the main job: base -> cold start -> GC-RL, before/after table. CPU, offline, ~10 min
 	$(BIN)/python eval.py --experiment $(DEMO) --methods gc --with-base --rl-steps 6 $(CPU_RUN) \
 	  --train-args $(CPU_TRAIN)
 
@@ -42,7 +42,7 @@ bench: setup  ## benchmarks; each prints a JSON line last
 	$(BIN)/python bench/vs_trl.py
 
 EXPERIMENT ?= runs/experiment
-experiment: setup  ## C-RL vs G-RL vs GC-RL from one cold start, then the paper-style table. CPU, ~35 min
+experiment: setup  ## C-RL vs G-RL vs GC-RL from one cold start, then the paper-style table. CPU, ~20 min
 	$(BIN)/python eval.py --experiment $(EXPERIMENT) --methods c,g,gc --rl-steps 12 $(CPU_RUN) \
 	  --train-args $(CPU_TRAIN)
 

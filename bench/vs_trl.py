@@ -4,10 +4,11 @@
     python bench/vs_trl.py                  # fp32 and bf16, 6 steps per run, one run per tool and dtype
     python bench/vs_trl.py --dtype fp32 --steps 10 --repeats 2   # runs alternate gcrl / trl
     python bench/vs_trl.py --quick          # smoke test: 2 steps, 16 tokens, tiny cold start
+    python bench/vs_trl.py --dtype bf16 --data arith:1 --steps 12   # a learning check on easy questions
 
 The work, identical for both: SmolLM2-135M-Instruct after a short SFT cold start (`cold_start`, built once into
 runs/bench/cold: the base model scores ~0 on arith, so GRPO would see no signal and, in gcrl, skip the update),
-the `arith` task, the same questions in the same order (gcrl's data stream for --seed 0 and --limit 256, handed
+the `arith` task (`--data`), the same questions in the same order (gcrl's data stream for --seed 0 and --limit 256, handed
 to TRL with shuffle_dataset=False), the same prompt (data.PROMPT_STYLES["plain"] as one user turn of the chat
 template), 4 questions x 4 generations per step, max 128 new tokens, temperature 1, no top-p / top-k, reward
 reward.response_reward, advantages (r - mean) / (std + 1e-4) per group, the clipped loss (epsilon 0.2) with
@@ -65,9 +66,9 @@ def cold_start(quick=False):
     return str(out / "final")
 
 
-def questions(steps):
-    """The questions gcrl --mode g draws (seed 0, --limit LIMIT), in its order: 4 per step."""
-    recs = data.load_data("arith", split="train", limit=LIMIT, seed=0)
+def questions(steps, spec="arith"):
+    """The questions gcrl --mode g draws from `spec` (seed 0, --limit LIMIT), in its order: 4 per step."""
+    recs = data.load_data(spec, split="train", limit=LIMIT, seed=0)
     stream = train.Stream(len(recs), train.seed_for(0, "data"))
     return [recs[i] for i in stream.take(4 * steps)]
 
@@ -85,7 +86,7 @@ def peak_mib():
 # ----------------------------------------------------------------------------- the two workers
 
 def run_gcrl(a, out):
-    train.main(["--mode", "g", "--model", a.start, "--data", "arith", "--limit", str(LIMIT), "--seed", "0",
+    train.main(["--mode", "g", "--model", a.start, "--data", a.data, "--limit", str(LIMIT), "--seed", "0",
                 "--out", str(out), "--max-steps", str(a.steps), "--questions-per-step", "4", "--num-generations", "4",
                 "--max-completion-length", str(a.max_new), "--lr", str(a.lr), "--beta", "0", "--loss-type",
                 "token-mean", "--scale-rewards", "true", "--epsilon", "0.2", "--max-grad-norm", "1.0",
@@ -100,7 +101,7 @@ def run_trl(a, out):
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    recs = questions(a.steps)
+    recs = questions(a.steps, a.data)
     ds = Dataset.from_list([dict(prompt=[{"role": "user", "content": data.PROMPT_STYLES["plain"].format(
         question=r["question"])}], answer=r["answer"]) for r in recs])
     log = dict(step_s=[], tokens=[], reward=[])
@@ -173,6 +174,8 @@ def summary(runs):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtype", default="both", choices=["fp32", "bf16", "both"], help="trainer precision")
+    ap.add_argument("--data", default="arith", help="arith SPEC of the RL and eval questions (e.g. arith:1, "
+                    "easier: a learning check); the cold start is always the same")
     ap.add_argument("--steps", type=int, default=6, help="GRPO steps per run (the first is reported apart)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per tool and dtype; the tools alternate")
     ap.add_argument("--lr", type=float, default=5e-6, help="learning rate (constant) of both")
@@ -191,8 +194,8 @@ def main():
         return worker(a)
 
     start = cold_start(a.quick)
-    test = data.load_data("arith", split="test", limit=a.eval_limit, seed=0) if a.eval_limit else []
-    res = dict(start=start, steps=a.steps, lr=a.lr, max_new=a.max_new, cpu_count=os.cpu_count(),
+    test = data.load_data(a.data, split="test", limit=a.eval_limit, seed=0) if a.eval_limit else []
+    res = dict(start=start, data=a.data, steps=a.steps, lr=a.lr, max_new=a.max_new, cpu_count=os.cpu_count(),
                omp_threads=os.environ.get("OMP_NUM_THREADS"), torch=torch.__version__,
                load_avg_start=round(os.getloadavg()[0], 2))
     if test:
@@ -203,7 +206,7 @@ def main():
         for rep in range(a.repeats):
             for tool in (tools if rep % 2 == 0 else tools[::-1]):
                 cmd = [sys.executable, __file__, "--worker", tool, "--dtype", dtype, "--rep", str(rep), "--start", start,
-                       "--steps", str(a.steps), "--lr", str(a.lr), "--max-new", str(a.max_new)]
+                       "--steps", str(a.steps), "--lr", str(a.lr), "--max-new", str(a.max_new), "--data", a.data]
                 print(f"[vs_trl] {tool} {dtype} run {rep + 1}/{a.repeats} (load {os.getloadavg()[0]:.2f})",
                       file=sys.stderr, flush=True)
                 subprocess.run(cmd, check=True, cwd=ROOT)
