@@ -650,10 +650,11 @@ def experiment(args):
     import critique
     import data
     import train
-    bad = set(args.methods.split(",")) - {mode for _, mode in EXPERIMENT_METHODS[1:]}
+    wanted = args.methods.split(",")
+    bad = set(wanted) - {mode for _, mode in EXPERIMENT_METHODS[1:]}
     if bad:
         raise EvalError(f"--methods: unknown {sorted(bad)}; choose from c, g, gc")
-    methods = [(label, mode) for label, mode in EXPERIMENT_METHODS[1:] if mode in args.methods.split(",")]
+    methods = [(label, mode) for label, mode in EXPERIMENT_METHODS[1:] if mode in wanted]
     root = Path(args.experiment)
     root.mkdir(parents=True, exist_ok=True)
     limit = args.limit or 50

@@ -24,6 +24,7 @@ Supported: Llama-family decoders — llama, mistral, qwen2 (qkv bias), qwen3 (q/
 RoPE whose frequencies do not depend on the sequence length (default, linear, llama3, yarn, ...).
 Deliberately not done: CUDA graphs / torch.compile, speculative decoding, paged KV.
 """
+import contextlib
 import importlib.util
 import math
 import os
@@ -257,26 +258,35 @@ class Sampler:
     def _ensure_cache(self, batch, length):
         """Allocate (or grow) the cache to hold `batch` rows of `length` tokens. Zero-filled once, so
         masked-out slots never hold NaN (0 * NaN would leak through the softmax-weighted sum)."""
-        p = self._w(self.model.lm_head.weight)
+        dtype, device = self.compute_dtype, self.model.lm_head.weight.device
         s = self.spec
         if (self.k_cache is not None and self.k_cache.shape[1] >= batch and self.k_cache.shape[2] >= length
-                and self.k_cache.dtype == p.dtype and self.k_cache.device == p.device):
+                and self.k_cache.dtype == dtype and self.k_cache.device == device):
             return
         if self.k_cache is not None:  # grow to the max of old and new needs
             batch, length = max(batch, self.k_cache.shape[1]), max(length, self.k_cache.shape[2])
         self.k_cache = self.v_cache = None
         length = min(self.max_len, -(-length // 64) * 64)  # round up: fewer reallocations
         shape = (s["n_layers"], batch, length, s["n_kv"], s["head_dim"])
-        self.k_cache = torch.zeros(shape, dtype=p.dtype, device=p.device)
-        self.v_cache = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
 
     # -- weights in the compute dtype
+    @property
+    def compute_dtype(self):
+        return self.dtype or self.model.lm_head.weight.dtype
+
+    @contextlib.contextmanager
     def _weights(self):
-        """Start of a call: cast copies of the parameters not already in the compute dtype (none when
-        it is the model's own: the forward then reads the parameters in place)."""
-        dtype = self.dtype or self.model.lm_head.weight.dtype
+        """Around one call: cast copies of the parameters not already in the compute dtype (none when it
+        is the model's own: the forward then reads the parameters in place), freed when the call ends."""
+        dtype = self.compute_dtype
         self._cast = {id(t): t.detach().to(dtype) for t in self.model.parameters()
                       if t.is_floating_point() and t.dtype != dtype}
+        try:
+            yield
+        finally:
+            self._cast = {}
 
     def _w(self, t):
         """A parameter (or None, a missing bias) as the forward reads it: its cast copy if it has one."""
@@ -474,14 +484,10 @@ class Sampler:
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.model.lm_head.weight.device)
         if not 0 < ids.shape[0] <= self.max_len:
             raise ValueError(f"sequence length {ids.shape[0]} must be in 1..{self.max_len} (Sampler max_len)")
-        self._weights()
-        try:
-            p = self._w(self.model.lm_head.weight)
+        with self._weights():
             self._ensure_cache(1, ids.shape[0])
-            cos, sin = self._rope_table(ids.shape[0], p.dtype, p.device)
+            cos, sin = self._rope_table(ids.shape[0], self.compute_dtype, ids.device)
             return self._logits(self._prefill(ids, 0, (0, 1), cos, sin))
-        finally:
-            self._cast = {}
 
     @torch.inference_mode()
     def generate(self, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0, stop_ids=None,
@@ -504,18 +510,15 @@ class Sampler:
         rows = [(p, j) for p in range(len(prompts)) for j in range(n)]
         per_chunk = (self.max_batch // n) * n if n <= self.max_batch else self.max_batch
         out = []
-        self._weights()
-        try:
+        with self._weights():
             for c in range(0, len(rows), per_chunk):
                 out += self._generate_chunk(prompts, rows[c:c + per_chunk], max_new_tokens, temperature, top_p,
                                             top_k, stop, gen)
-        finally:
-            self._cast = {}
         return out
 
     def _generate_chunk(self, prompts, rows, max_new, temperature, top_p, top_k, stop, gen):
         device = self.model.lm_head.weight.device
-        dtype = self._w(self.model.lm_head.weight).dtype
+        dtype = self.compute_dtype
         R = len(rows)
         plen = [len(prompts[p]) for p, _ in rows]
         T = min(self.max_len, max(plen) + max_new)

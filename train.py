@@ -354,9 +354,9 @@ class Trainer:
         if a.beta and a.mode != "sft":
             ref_lm, _ = rollout.load_policy(a.model, dtype=torch.float32, device=acc.device)
             self.ref = Policy(ref_lm).eval().requires_grad_(False)
-        sdt = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(a.sampler_dtype)
-        if a.sampler_dtype == "auto":  # sample in the precision the trainer computes in
-            sdt = torch.bfloat16 if a.mixed_precision == "bf16" else None
+        # auto: sample in the precision the trainer computes in (None: the model's own, fp32)
+        sdt = {"fp32": torch.float32, "bf16": torch.bfloat16,
+               "auto": torch.bfloat16 if a.mixed_precision == "bf16" else None}[a.sampler_dtype]
         self.sampler = rollout.Sampler(self.lm(), max_batch=a.sampler_batch, max_len=a.max_seq_len, dtype=sdt)
         self.stop_ids = rollout.default_stop_ids(self.tok)
         self.temperature = a.temperature if a.temperature > 0 else 1.0  # greedy sampling: log-probs at T=1

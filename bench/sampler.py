@@ -13,14 +13,13 @@ dtype, one process; the contenders alternate within each run and we report min/m
 Decode ceiling: one decode step's matrix multiplies alone — the model's own weights at batch 64
 (q, k, v, o, gate, up, down per layer, then lm_head), no attention, no norms, no sampling — timed
 the same way, as tokens/s. A sampler's `ceiling_fraction` is its end-to-end tok/s (prefill
-included) over the ceiling's. Peak memory: resource.getrusage maxrss of this process.
+included) over the ceiling's. Peak memory: VmHWM of this process (common.peak_mib).
 
 The last line printed is one JSON object.
 """
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -30,20 +29,16 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import peak_mib, stats  # noqa: E402  (bench/common.py)
+from data import gen_prompt, load_data  # noqa: E402
 from rollout import Sampler, load_policy  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def prompts_for(tok, k, seed=0):
-    """k generation prompts (token ids): arith questions through data.gen_prompt when data.py is there."""
-    try:
-        from data import gen_prompt, load_data
-        return [gen_prompt(tok, r["question"]) for r in load_data("arith", limit=k, seed=seed)]
-    except Exception:  # a fallback that needs nothing but the tokenizer
-        qs = [f"Tom has {3 * i + 7} apples and gets {i + 2} more. How many apples does he have now?" for i in range(k)]
-        return [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
-                                        return_dict=False) for q in qs]
+    """k generation prompts (token ids): arith questions through data.gen_prompt."""
+    return [gen_prompt(tok, r["question"]) for r in load_data("arith", limit=k, seed=seed)]
 
 
 def run_ours(sampler, prompts, n, new, seed):
@@ -108,10 +103,6 @@ def profile_ours(sampler, prompts, n, new):
     return {k: round(v, 1) for k, v in part.items()}
 
 
-def stats(xs):
-    return dict(min=round(min(xs), 2), median=round(statistics.median(xs), 2), max=round(max(xs), 2))
-
-
 def bench_dtype(name, args):
     model, tok = load_policy(args.model, dtype=DTYPES[name])
     prompts = prompts_for(tok, args.prompts)
@@ -161,7 +152,7 @@ def main():
                threads=torch.get_num_threads(), cpu_count=os.cpu_count(), torch=torch.__version__)
     for name in (["fp32", "bf16"] if args.dtype == "both" else [args.dtype]):
         res.update(bench_dtype(name, args))
-    res["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    res["peak_rss_mib"] = peak_mib()
     print(json.dumps(res))
 
 

@@ -40,11 +40,7 @@ import torch  # noqa: E402
 import data  # noqa: E402
 import rollout  # noqa: E402
 import train  # noqa: E402
-from vs_trl import peak_mib  # noqa: E402  (bench/vs_trl.py; imports trl only when run)
-
-
-def stats(xs, nd=2):
-    return dict(median=round(statistics.median(xs), nd), min=round(min(xs), nd), max=round(max(xs), nd))
+from common import peak_mib, stats  # noqa: E402  (bench/common.py)
 
 
 def timeit(fn, min_s=0.3):

@@ -29,8 +29,6 @@ The last line printed is one JSON object with ratio_fp32 / ratio_bf16 = gcrl ste
 import argparse
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -44,6 +42,7 @@ import data  # noqa: E402
 import reward  # noqa: E402
 import rollout  # noqa: E402
 import train  # noqa: E402
+from common import peak_mib, stats  # noqa: E402  (bench/common.py)
 
 RUNS = ROOT / "runs" / "bench"
 LIMIT = 256  # RL questions: the first 256 arith train records; the cold start uses the next 128
@@ -66,21 +65,11 @@ def cold_start(quick=False):
     return str(out / "final")
 
 
-def questions(steps, spec="arith"):
+def questions(steps, spec):
     """The questions gcrl --mode g draws from `spec` (seed 0, --limit LIMIT), in its order: 4 per step."""
     recs = data.load_data(spec, split="train", limit=LIMIT, seed=0)
     stream = train.Stream(len(recs), train.seed_for(0, "data"))
     return [recs[i] for i in stream.take(4 * steps)]
-
-
-def peak_mib():
-    """Peak resident memory of this process in MiB: VmHWM where Linux has it (ru_maxrss of a child would include
-    its parent's resident memory at fork time: Linux carries it across fork and exec), else ru_maxrss."""
-    try:
-        with open("/proc/self/status") as f:
-            return round(int(next(ln for ln in f if ln.startswith("VmHWM:")).split()[1]) / 1024)
-    except (OSError, StopIteration):
-        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 # ----------------------------------------------------------------------------- the two workers
@@ -153,10 +142,6 @@ def greedy_acc(model_path, recs, max_new):
     outs = rollout.first_order_rollout(rollout.Sampler(model, max_batch=64, max_len=512), tok, recs, 1,
                                        max_new_tokens=max_new, temperature=0.0, seed=0)
     return sum(reward.response_reward(o["text"], recs[o["q_index"]]["answer"]) for o in outs) / len(outs)
-
-
-def stats(xs, nd=2):
-    return dict(median=round(statistics.median(xs), nd), min=round(min(xs), nd), max=round(max(xs), nd))
 
 
 def summary(runs):
