@@ -386,8 +386,6 @@ def test_cold_start_data_policy_responses_are_topped_up(tmp_path):
 
 def test_gsm8k_solutions_balanced():
     path = SHARED / "model_solutions_dev.jsonl"
-    if not path.exists():
-        pytest.skip(f"{path} not present (../shared/ sits beside the repo in CI)")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     pairs = critique.load_critique_data(f"gsm8k-solutions:{path}")
     mixed = [r for r in rows if len({v["is_correct"] for v in r.values() if isinstance(v, dict)}) == 2]

@@ -155,9 +155,6 @@ def _raw_labels(path):
 
 def test_gsm8k_solutions_balanced_set_is_one_to_one():
     path = SHARED / "model_solutions_dev.jsonl"
-    if not path.is_file():
-        pytest.skip(f"{path} not present")
-    pytest.importorskip("critique")
     pairs = ev.load_critique_set(f"gsm8k-solutions:{path}", seed=0)
     raw = _raw_labels(path)
     both = {q for q, labels in raw.items() if labels == {True, False}}
@@ -248,7 +245,6 @@ FAST = ["--max-new-tokens", "6", "--critique-max-new-tokens", "6", "--batch", "1
 
 
 def test_end_to_end_json_schema(tiny_dir, tmp_path, capsys):
-    pytest.importorskip("critique")
     out = tmp_path / "res.json"
     argv = ["--model", str(tiny_dir), "--data", "arith", "--limit", "4", "--k", "2", "--out", str(out)] + FAST
     assert ev.main(argv) == 0
@@ -270,7 +266,7 @@ def test_end_to_end_json_schema(tiny_dir, tmp_path, capsys):
 
 def test_model_that_never_emits_a_verdict(tiny_dir, tmp_path):
     """A random model on a real (balanced) critique set: format rate 0, accuracy 0, precision null."""
-    critique = pytest.importorskip("critique")
+    import critique
     rows = [dict(question=f"What is {i} + 1?", response=f"{i} + 1 = {i + 1 + (j % 2)}. \\boxed{{{i + 1 + (j % 2)}}}",
                  label=j % 2 == 0) for i in range(2) for j in range(2)]
     path = tmp_path / "crit.jsonl"
@@ -381,7 +377,6 @@ def test_evaluate_wiring_with_a_scripted_model(monkeypatch):
 
 
 def test_empty_critique_file_gives_null_metrics(tiny_dir, tmp_path, capsys):
-    pytest.importorskip("critique")
     path = tmp_path / "all_right.jsonl"
     path.write_text("".join(json.dumps(dict(question=f"q{i}", response="\\boxed{1}", label=True)) + "\n"
                             for i in range(3)))
@@ -404,7 +399,6 @@ def test_empty_critique_file_gives_null_metrics(tiny_dir, tmp_path, capsys):
 def test_experiment_wiring_tiny(tiny_dir, tmp_path, capsys):
     """The whole --experiment pipeline on a tiny random model, one step of everything: the cold start, the
     three RL runs from its final model, a shared critique test set, an eval JSON per method, the table."""
-    pytest.importorskip("train")
     import critique
     import data
     # a random model gets nothing right, so C-RL could not build its own static pairs: give it program-written ones

@@ -3,14 +3,14 @@ import json
 import random
 import threading
 import time
-from pathlib import Path
 
 import pytest
+from conftest import SHARED
 
 from reward import (CRITIQUE_REWARDS, balance, critique_reward, denoise_bonus, extract_answer, extract_verdict,
                     is_correct, response_reward)
 
-GSM8K_SOLUTIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "model_solutions_dev.jsonl"
+GSM8K_SOLUTIONS = SHARED / "model_solutions_dev.jsonl"
 
 # (response, gold, expected): right and wrong pairs side by side
 ANSWER_CASES = [
@@ -277,8 +277,6 @@ def test_balance_random_groups():
 
 
 def test_gsm8k_model_solutions_agree():
-    if not GSM8K_SOLUTIONS.exists():
-        pytest.skip(f"GSM8K model solutions not found at {GSM8K_SOLUTIONS}")
     n, misses = 0, []
     for line in GSM8K_SOLUTIONS.read_text().splitlines():
         row = json.loads(line)

