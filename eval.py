@@ -28,6 +28,8 @@ Deliberately not done: unbiased pass@k estimators from n > k samples; per-datase
 metric needing a reference model (e.g. a judge LLM).
 """
 import argparse
+import ctypes
+import gc
 import json
 import math
 import os
@@ -220,11 +222,12 @@ def score(text, gold, strict=True):
                 boxed=reward.extract_answer(text, ()) is not None)
 
 
-def sample_responses(sampler, tok, records, n, strict=True, **gen):
-    """n responses per record through rollout.first_order_rollout, scored: a list (per record) of lists."""
+def sample_responses(sampler, tok, records, n, strict=True, style="plain", **gen):
+    """n responses per record through rollout.first_order_rollout (generation prompt `style`), scored: a list
+    (per record) of lists."""
     import rollout
     groups = [[] for _ in records]
-    for o in rollout.first_order_rollout(sampler, tok, records, n, **gen):
+    for o in rollout.first_order_rollout(sampler, tok, records, n, style=style, **gen):
         o.update(score(o["text"], records[o["q_index"]]["answer"], strict))
         groups[o["q_index"]].append(o)
     return groups
@@ -284,7 +287,7 @@ def evaluate(model, tok, args, log=print):
     sampler = rollout.Sampler(model, max_batch=args.batch, max_len=args.max_len)
     split = "test" if str(args.data).split(":")[0] == "arith" else args.split
     records = data.load_data(args.data, split=split, limit=args.limit or 100, seed=args.seed)
-    gen = dict(max_new_tokens=args.max_new_tokens, top_p=args.top_p)
+    gen = dict(max_new_tokens=args.max_new_tokens, top_p=args.top_p, style=args.prompt_style)
     log(f"[eval] {len(records)} questions from {args.data} ({split}): greedy")
     greedy = [g[0] for g in sample_responses(sampler, tok, records, 1, strict, temperature=0.0, seed=args.seed, **gen)]
     samples = None
@@ -510,7 +513,7 @@ def compare_table(paths):
 
 # ============================================================================ plots
 
-PLOTS = {  # file name -> metric keys of metrics.jsonl (train.py, CONTRACT.md)
+PLOTS = {  # file name -> metric keys of metrics.jsonl (train.py; tests/test_train.py CONTRACT_KEYS)
     "reward": ["reward/response", "reward/critique", "acc/response", "acc/critique"],
     "critic": ["critic/precision", "critic/recall", "critic/wrong_rate", "critic/format_rate"],
     "length": ["len/response", "len/critique"],
@@ -522,6 +525,7 @@ PLOTS = {  # file name -> metric keys of metrics.jsonl (train.py, CONTRACT.md)
     "cache": ["cache/size"],
     "speed": ["tokens_per_s"],
     "time": ["time/*"],  # "prefix/*": every key under the prefix
+    "memory": ["mem/*"],
     "eval": ["eval/*"],
 }
 
@@ -592,8 +596,8 @@ def plot_run(run_dir):
 # ============================================================================ the small-scale experiment
 
 EXPERIMENT_METHODS = [("w/o RL", "sft"), ("C-RL", "c"), ("G-RL", "g"), ("GC-RL", "gc")]
-EVAL_FLAGS = ("k", "temperature", "top_p", "max_new_tokens", "critique_samples", "critique_temperature",
-              "critique_max_new_tokens", "k_ref", "seed", "dtype", "device", "batch", "max_len")
+EVAL_FLAGS = ("prompt_style", "k", "temperature", "top_p", "max_new_tokens", "critique_samples",
+              "critique_temperature", "critique_max_new_tokens", "k_ref", "seed", "dtype", "device", "batch", "max_len")
 
 
 def _eval_argv(args):
@@ -604,6 +608,17 @@ def _eval_argv(args):
         if v is not None:
             out += ["--" + name.replace("_", "-"), str(v)]
     return out + (["--lenient"] if args.lenient else []) + (["--no-selection"] if args.no_selection else [])
+
+
+def _release_memory():
+    """Between the experiment's stages (each a model, an optimizer, activations): hand freed heap back to the OS.
+    glibc keeps it otherwise, and the next stage starts on top of it: after the demo's SFT stage returned, 3.3 GiB
+    stayed resident with nothing alive; malloc_trim took the process to 0.5 GiB."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def _done(run):
@@ -675,6 +690,7 @@ def experiment(args):
         train.main(["--mode", "sft", "--model", args.model, "--data", f"jsonl:{cold}", "--out", str(sft),
                     "--max-steps", str(args.sft_steps), "--questions-per-step", str(args.sft_batch),
                     "--lr", str(args.sft_lr), "--seed", str(args.seed)] + args.train_args)
+        _release_memory()
     start = str(sft / "final")
     common = ["--model", start, "--data", args.data, "--limit", str(args.train_limit), "--seed", str(args.seed),
               "--max-steps", str(args.rl_steps), "--questions-per-step", str(args.questions),
@@ -684,12 +700,14 @@ def experiment(args):
             say(f"{label}: train.py --mode {mode}")
             extra = ["--static-pairs", args.static_pairs] if mode == "c" and args.static_pairs else []
             train.main(["--mode", mode, "--out", str(root / mode)] + common + extra + args.train_args)
+            _release_memory()
 
     split = "test" if str(args.data).startswith("arith") else args.split
     test_recs = data.load_data(args.data, split=split, limit=limit, seed=args.seed)
     crit_set = root / "critique_test.jsonl"
     if not crit_set.exists():
         build_critique_test_set(start, test_recs, crit_set, args)
+        _release_memory()
     evals = [(args.data, f"jsonl:{crit_set}", "eval-" + re.sub(r"\W+", "_", str(args.data)))]
     if args.gsm8k_dir:
         g = Path(args.gsm8k_dir)
@@ -707,6 +725,7 @@ def experiment(args):
                     ["--model", model, "--data", spec, "--critique-data", crit_spec,
                      "--critique-limit", str(limit), "--limit", str(limit), "--label", label, "--out", str(out)]
                     + _eval_argv(args)))
+                _release_memory()
             paths.append(str(out))
         if (root / mode / "metrics.jsonl").is_file():
             plot_run(root / mode)
@@ -755,6 +774,7 @@ def run_eval(args):
 
 
 def build_parser():
+    import data
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--model", default="smollm2-135m", help="alias, HF id, model dir, checkpoint-STEP dir or train.py run dir")
@@ -769,6 +789,8 @@ def build_parser():
     a("--label", default=None, help="row name in --compare tables (default: the run dir or file name)")
     a("--k", type=int, default=4, help="samples per question for mean acc, maj@k, pass@k, the self critique set "
                                        "and selection (0: greedy only)")
+    a("--prompt-style", choices=sorted(data.PROMPT_STYLES), default="plain",
+      help="generation prompt (data.PROMPT_STYLES): plain (zero-shot) or oneshot (one worked example first)")
     a("--temperature", type=float, default=1.0, help="sampling temperature of the k samples")
     a("--top-p", type=float, default=1.0, help="nucleus sampling for all sampling")
     a("--max-new-tokens", type=int, default=256, help="generation budget per response")

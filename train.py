@@ -246,6 +246,21 @@ class Metrics(dict):
         return {k: (s if k in self.SUM_KEYS else s / c) for k, (s, c) in sorted(total.items())}
 
 
+def peak_memory(device):
+    """Peak memory of this process so far, in GiB: resident (Linux: VmHWM) and, on CUDA, allocated by torch.
+    {"mem/peak_rss_gib", "mem/peak_cuda_gib"}; what a platform cannot tell is left out. Never reset here: the
+    kernel's counter is what `/usr/bin/time -v` and the benchmarks read too."""
+    out = {}
+    if device.type == "cuda":
+        out["mem/peak_cuda_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        with open("/proc/self/status") as f:
+            out["mem/peak_rss_gib"] = next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 2**20
+    except (OSError, StopIteration):  # not Linux: no resident-memory figure
+        pass
+    return out
+
+
 def write_json_atomic(path, obj):
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -952,7 +967,7 @@ def main(argv=None):
             tr.step += 1
             if tr.eval_records and (tr.step % args.eval_every == 0 or tr.step == args.max_steps):
                 tr.evaluate(m)
-            row = dict(step=tr.step, **m.reduce(acc))
+            row = dict(step=tr.step, **m.reduce(acc), **peak_memory(acc.device))  # memory: this rank's, so far
             if acc.is_main_process:
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")

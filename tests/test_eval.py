@@ -439,3 +439,25 @@ def test_experiment_wiring_tiny(tiny_dir, tmp_path, capsys):
     assert "| G-RL |" in out and "| GC-RL |" in out and "| C-RL |" not in out
     # a second call finds everything done and only rebuilds the table
     assert ev.main(argv) == 0 and "train.py --mode" not in capsys.readouterr().out
+
+
+def test_prompt_style_reaches_every_generation_call(monkeypatch):
+    """--prompt-style picks the generation prompt of the greedy and the sampled responses (plain by default)."""
+    import rollout
+    seen = []
+
+    def fake_rollout(sampler, tok, records, n, style="plain", **gen):
+        seen.append((n, style))
+        return [dict(q_index=q, id=r["id"], text="no answer", length=2, truncated=False, tokens=[], logprobs=[],
+                     prompt_ids=[]) for q, r in enumerate(records) for _ in range(n)]
+
+    monkeypatch.setattr(rollout, "Sampler", lambda *a, **k: None)
+    monkeypatch.setattr(rollout, "first_order_rollout", fake_rollout)
+    for argv, style in (([], "plain"), (["--prompt-style", "oneshot"], "oneshot")):
+        seen.clear()
+        args = ev.build_parser().parse_args(["--limit", "2", "--k", "2", "--no-critique"] + argv)
+        assert ev.evaluate(None, None, args, log=lambda *a: None)["generation"]["accuracy"] == 0.0
+        assert seen == [(1, style), (2, style)]
+    with pytest.raises(SystemExit):
+        ev.build_parser().parse_args(["--prompt-style", "fewshot"])
+    assert "--prompt-style" in ev._eval_argv(ev.build_parser().parse_args(["--prompt-style", "oneshot"]))

@@ -1,6 +1,6 @@
-"""train.py under DDP: two CPU processes (torchrun, gloo) against one process on the same global batch.
+"""train.py under DDP: two CPU processes (`accelerate launch`, gloo) against one process on the same global batch.
 
-This file is also the per-rank driver: `python -m torch.distributed.run --nproc_per_node 2
+This file is also the per-rank driver: `accelerate launch --multi_gpu --num_processes 2
 tests/test_multiprocess.py ARGS` installs the batch-invariant ScriptedSampler of test_train.py in each rank,
 runs train.main(ARGS) and saves the rank's final parameters to OUT/rank{R}.pt.
 """
@@ -56,9 +56,13 @@ def test_two_processes_match_one(monkeypatch, tiny_dir, qspec, tmp_path):
             "--ppo-epochs": 2, "--grad-accum": 2}
     two, one = tmp_path / "two", tmp_path / "one"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), __file__] + base_args(
-        tiny_dir, qspec, two, **over)
+    # the launcher users type. On a machine without CUDA, `--multi_gpu` is what starts N processes (torchrun
+    # underneath; `--cpu --num_processes 2` runs one process, as accelerate's simple launcher only forks via
+    # mpirun); train.py sees WORLD_SIZE=2 without CUDA and forms a gloo group.
+    launcher = Path(sys.executable).parent / "accelerate"
+    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
+           "--main_process_port", str(_free_port()), __file__] + base_args(tiny_dir, qspec, two, **over)
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     install_scripted(monkeypatch)

@@ -35,8 +35,8 @@ CONTRACT_KEYS = ["step", "reward/response", "acc/response", "reward/critique", "
                  "critic/recall", "critic/wrong_rate", "critic/format_rate", "frac_reward_zero_std", "cache/size",
                  "len/response", "len/critique", "trunc/response", "trunc/critique", "entropy", "clip_ratio", "kl",
                  "grad_norm", "loss", "lr", "logprob_gap", "tokens_per_s", "time/rollout1", "time/rollout2",
-                 "time/score", "time/update", "time/step"]
-NOISY = ("time/", "tokens_per_s")  # wall-clock metrics: never compared
+                 "time/score", "time/update", "time/step", "mem/peak_rss_gib"]
+NOISY = ("time/", "tokens_per_s", "mem/")  # wall-clock and memory metrics: never compared
 
 
 # ----------------------------------------------------------------------------- test doubles and fixtures
@@ -251,6 +251,7 @@ def test_gc_step_end_to_end(monkeypatch, tiny_dir, qspec, tmp_path):
     missing = [k for k in CONTRACT_KEYS if k not in row]
     assert not missing, missing
     assert all(math.isfinite(row[k]) for k in CONTRACT_KEYS)
+    assert 0.05 < row["mem/peak_rss_gib"] < 64  # this process's peak so far: the torch runtime at least
     assert row["frac_reward_zero_std"] == 0.0 and row["critic/format_rate"] == 1.0
     assert row["logprob_gap"] < 1e-4  # the scripted sampler reports the model's own log-probs
     assert row["clip_ratio"] > 0 and row["kl"] > 0  # the second epoch moved off the old policy
