@@ -222,12 +222,12 @@ def score(text, gold, strict=True):
                 boxed=reward.extract_answer(text, ()) is not None)
 
 
-def sample_responses(sampler, tok, records, n, strict=True, style="plain", **gen):
-    """n responses per record through rollout.first_order_rollout (generation prompt `style`), scored: a list
-    (per record) of lists."""
+def sample_responses(sampler, tok, records, n, strict=True, **gen):
+    """n responses per record through rollout.first_order_rollout (gen: its sampling kwargs and prompt `style`),
+    scored: a list (per record) of lists."""
     import rollout
     groups = [[] for _ in records]
-    for o in rollout.first_order_rollout(sampler, tok, records, n, style=style, **gen):
+    for o in rollout.first_order_rollout(sampler, tok, records, n, **gen):
         o.update(score(o["text"], records[o["q_index"]]["answer"], strict))
         groups[o["q_index"]].append(o)
     return groups

@@ -62,7 +62,7 @@ def in_sampler(dtype, new=64, runs=3):
     prompts = prompts_for(tok, 16)
     s = rollout.Sampler(model, max_batch=64, max_len=max(map(len, prompts)) + new + 1)
     s.generate(prompts, n=4, max_new_tokens=4, stop_ids=[], seed=0)  # warm-up
-    ms = {True: [], False: []}
+    ms, flash_cpu = {True: [], False: []}, rollout._FLASH_CPU
     try:
         for r in range(runs):
             for flash in (True, False):
@@ -70,7 +70,7 @@ def in_sampler(dtype, new=64, runs=3):
                 s.generate(prompts, n=4, max_new_tokens=new, stop_ids=[], seed=r)
                 ms[flash].append(s.stats["decode_s"] / (new - 1) * 1e3)
     finally:
-        rollout._FLASH_CPU = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+        rollout._FLASH_CPU = flash_cpu
     return dict(flash_ms_per_step=stats(ms[True], 1), matmul_ms_per_step=stats(ms[False], 1),
                 matmul_over_flash=round(statistics.median(ms[False]) / statistics.median(ms[True]), 3))
 

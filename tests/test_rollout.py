@@ -41,17 +41,18 @@ def tiny(arch="llama", seed=0, **over):
 
 
 def hf_logprobs(model, prompt, tokens, temperature=1.0):
-    """log_softmax(logits / T) of `tokens` after `prompt`, from one full HF forward (fp32)."""
-    ids = torch.tensor([prompt + tokens])
+    """log_softmax(logits / T) of `tokens` after `prompt`, from one full HF forward on the model's device (logits
+    in fp32), returned on the CPU."""
+    ids = torch.tensor([prompt + tokens], device=model.device)
     with torch.no_grad():
         logits = model(ids).logits[0, len(prompt) - 1:-1].float()
-    return torch.log_softmax(logits / temperature, -1).gather(1, torch.tensor(tokens)[:, None])[:, 0]
+    return torch.log_softmax(logits / temperature, -1).gather(1, ids[0, len(prompt):, None])[:, 0].cpu()
 
 
 def hf_greedy(model, prompt, k):
     model.generation_config.eos_token_id = None  # no early stop: compare k tokens exactly
-    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                         do_sample=False, max_new_tokens=k, pad_token_id=0)
+    ids = torch.tensor([prompt], device=model.device)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=k, pad_token_id=0)
     return out[0, len(prompt):].tolist()
 
 
@@ -105,11 +106,8 @@ def test_cuda_sdpa_greedy_matches_hf_generate(arch, monkeypatch):
     monkeypatch.setattr(rollout, "flash_attn_with_kvcache", None)
     model = tiny(arch).cuda()
     out = Sampler(model, max_batch=8, max_len=64).generate(PROMPTS, n=1, max_new_tokens=12, temperature=0)
-    model.generation_config.eos_token_id = None
     for p, o in zip(PROMPTS, out):
-        ref = model.generate(torch.tensor([p], device="cuda"), attention_mask=torch.ones(1, len(p), dtype=torch.long,
-                             device="cuda"), do_sample=False, max_new_tokens=12, pad_token_id=0)
-        assert o["tokens"] == ref[0, len(p):].tolist()
+        assert o["tokens"] == hf_greedy(model, p, 12)
 
 
 @needs_cuda
@@ -125,10 +123,7 @@ def test_cuda_flash_attn_logprobs_match_full_forward(arch):
     out = s.generate(PROMPTS, stop_ids=[free[0]["tokens"][2], free[4]["tokens"][5]], **kw)
     assert len({o["length"] for o in out}) > 1
     for o in out:
-        ids = torch.tensor([PROMPTS[o["prompt_index"]] + o["tokens"]], device="cuda")
-        with torch.no_grad():
-            logits = model(ids).logits[0, len(PROMPTS[o["prompt_index"]]) - 1:-1].float()
-        ref = torch.log_softmax(logits / 0.7, -1).gather(1, ids[0, -len(o["tokens"]):, None])[:, 0].cpu()
+        ref = hf_logprobs(model, PROMPTS[o["prompt_index"]], o["tokens"], temperature=0.7)
         assert (torch.tensor(o["logprobs"]) - ref).abs().max() < 0.15
 
 
