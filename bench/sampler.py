@@ -4,6 +4,7 @@
     python bench/sampler.py --quick         # 1 run, 32 new tokens: a smoke test
     python bench/sampler.py --dtype bf16 --runs 5
     python bench/sampler.py --dtype bf16 --runs 1 --profile   # where a decode step's time goes
+    python bench/sampler.py --floor         # also: our decode step with attention taken out (an upper bound)
 
 Work: SmolLM2-135M-Instruct (load_policy), 16 prompts x 4 samples = 64 rows, 128 new tokens each,
 sampling at temperature 1 over the full vocabulary with no stop token, so every row generates exactly
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import peak_mib, stats  # noqa: E402  (bench/common.py)
 from data import gen_prompt, load_data  # noqa: E402
+import rollout  # noqa: E402
 from rollout import Sampler, load_policy  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -103,6 +105,20 @@ def profile_ours(sampler, prompts, n, new):
     return {k: round(v, 1) for k, v in part.items()}
 
 
+def decode_without_attention(sampler, prompts, n, new, seed):
+    """Decode tok/s of our sampler with CPU attention replaced by a no-op (output = query): everything
+    a decode step does but attention. Its tokens are meaningless; its speed bounds what any attention
+    kernel could give (`--floor`). CPU only (on CUDA the Sampler does not call rollout._attention)."""
+    real, share = rollout._attention, sampler.share_prompts
+    rollout._attention = lambda q, k, v, mask, scale: (q, q.new_zeros(q.shape[:-1], dtype=torch.float32))
+    sampler.share_prompts = False  # one attention call per layer, no merge
+    try:
+        run_ours(sampler, prompts, n, new, seed)
+    finally:
+        rollout._attention, sampler.share_prompts = real, share
+    return len(prompts) * n * (new - 1) / sampler.stats["decode_s"]
+
+
 def bench_dtype(name, args):
     model, tok = load_policy(args.model, dtype=DTYPES[name])
     prompts = prompts_for(tok, args.prompts)
@@ -111,17 +127,23 @@ def bench_dtype(name, args):
     # warm-up (allocations, MKL/oneDNN kernel selection) on a short run of each
     run_ours(sampler, prompts, args.n, 4, 0)
     run_hf(model, tok, prompts, args.n, 4, 0)
-    ours, ours_decode, hf, ceil = [], [], [], []
+    ours, ours_decode, hf, ceil, floor = [], [], [], [], []
     for r in range(args.runs):
         tps, dec_s, _ = run_ours(sampler, prompts, args.n, args.new, r)
         ours.append(tps)
         ours_decode.append(rows * (args.new - 1) / dec_s)  # decode steps only (first token comes from prefill)
         hf.append(run_hf(model, tok, prompts, args.n, args.new, r)[0])
         ceil.append(step_matmuls(model, rows, args.ceiling_reps))
+        if args.floor:
+            floor.append(decode_without_attention(sampler, prompts, args.n, args.new, r))
         print(f"[{name}] run {r + 1}/{args.runs}: ours {tps:.1f} tok/s (decode-only {ours_decode[-1]:.1f}), "
-              f"generate {hf[-1]:.1f} tok/s, ceiling {ceil[-1]:.1f} tok/s", file=sys.stderr, flush=True)
+              f"generate {hf[-1]:.1f} tok/s, ceiling {ceil[-1]:.1f} tok/s"
+              + (f", no-attention decode {floor[-1]:.1f} tok/s" if floor else ""), file=sys.stderr, flush=True)
     med = statistics.median
     prof = {f"profile_ms_per_step_{name}": profile_ours(sampler, prompts, args.n, args.new)} if args.profile else {}
+    if floor:  # decode-only tok/s without attention, and its fraction of the ceiling: what attention costs us
+        prof.update({f"no_attention_decode_tok_s_{name}": stats(floor),
+                     f"no_attention_ceiling_fraction_decode_{name}": round(med(floor) / med(ceil), 3)})
     return {**prof,
         f"ours_tok_s_{name}": stats(ours), f"ours_decode_tok_s_{name}": stats(ours_decode),
         f"generate_tok_s_{name}": stats(hf), f"ceiling_tok_s_{name}": stats(ceil),
@@ -145,6 +167,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="smoke test: 1 run, 32 new tokens")
     ap.add_argument("--profile", action="store_true", help="also profile one run of ours: ms per decode step in "
                     "matmuls, attention and the rest (the profiler slows it; not used for the tok/s)")
+    ap.add_argument("--floor", action="store_true", help="also time our decode with attention replaced by a no-op "
+                    "(each run): the best any CPU attention kernel could do inside this sampler")
     args = ap.parse_args()
     if args.quick:
         args.runs, args.new, args.ceiling_reps = 1, 32, 5
