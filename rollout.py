@@ -268,14 +268,13 @@ class Sampler:
             batch, length = max(batch, self.k_cache.shape[1]), max(length, self.k_cache.shape[2])
         self.k_cache = self.v_cache = None
         length = min(self.max_len, -(-length // 64) * 64)  # round up: fewer reallocations
-        L, Hkv, D = s["n_layers"], s["n_kv"], s["head_dim"]
-        if device.type == "cuda":  # (L, B, T, Hkv, D) in memory: what flash_attn_with_kvcache reads
-            self.k_cache, self.v_cache = (torch.zeros(L, batch, length, Hkv, D, dtype=dtype, device=device)
-                                          for _ in "kv")
-        else:  # the same (L, B, T, Hkv, D) view over head-major memory (L, B, Hkv, T, D): CPU attention then
-            # reads each head's keys contiguously, 8% faster per bf16 decode step (BENCHMARKS.md)
-            self.k_cache, self.v_cache = (torch.zeros(L, batch, Hkv, length, D, dtype=dtype, device=device)
-                                          .transpose(2, 3) for _ in "kv")
+        shape = (s["n_layers"], batch, length, s["n_kv"], s["head_dim"])
+        # memory order of those dims: as is on CUDA (what flash_attn_with_kvcache reads); head-major
+        # (L, B, Hkv, T, D) on CPU, where attention then reads each head's keys contiguously (8% faster
+        # per bf16 decode step, BENCHMARKS.md). The permutation swaps T and Hkv, so it is its own inverse.
+        order = (0, 1, 2, 3, 4) if device.type == "cuda" else (0, 1, 3, 2, 4)
+        self.k_cache, self.v_cache = (torch.zeros([shape[d] for d in order], dtype=dtype, device=device).permute(order)
+                                      for _ in "kv")
 
     # -- weights in the compute dtype
     @property
