@@ -7,7 +7,7 @@ export PYTHONUNBUFFERED := 1
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test bench experiment clean
+.PHONY: setup demo test bench experiment findings clean
 
 $(STAMP): requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,22 +18,32 @@ $(STAMP): requirements.txt
 
 setup: $(STAMP)  ## create .venv and install everything
 
-# Both jobs below: cold start (SFT on program-written solutions + critiques), then RL, then a table + plots,
-# sized for a 2-core CPU (arith level 1, 4 questions x 4 responses and 4 pairs x 4 critiques per step, bf16).
-# Scale up on a GPU: drop --dtype/--limit caps, raise --rl-steps, --questions, --train-args sizes.
-CPU_RUN := --data arith:1 --limit 32 --k 2 --no-selection --max-new-tokens 96 --critique-max-new-tokens 128 \
-  --dtype bf16 --train-limit 256 --cold-start-n 128 --sft-steps 24 --sft-batch 8 --sft-lr 5e-5 \
-  --questions 4 --rl-lr 5e-6
+# The runs below all go through experiment.py (one process per training / eval run; resumable: a rerun skips what
+# is done). Sizing shared by every target, for a 2-core CPU: arith level 1, 4 questions x 4 responses and 4 pairs
+# x 4 critiques per step, 96/128 new tokens, bf16. These are experiment.py's defaults, spelled out so they change
+# in one place. Scale up on a GPU: raise RL_STEPS, --questions, --train-limit, LIMIT and drop --dtype bf16 caps.
+CPU_RUN := --data arith:1 --k 2 --max-new-tokens 96 --critique-max-new-tokens 128 --dtype bf16 --train-limit 256 \
+  --cold-start-n 128 --sft-steps 24 --sft-batch 8 --sft-lr 5e-5 --questions 4 --rl-lr 5e-6
 # --grad-accum 4: each update in 4 micro-batches of similar lengths: the same update with a quarter of the
 # activations alive and less padding. 10 GC-RL steps alone from the demo's cold start: --grad-accum 2 peaked
 # at 9.4 GiB resident, 26.5 s per step; --grad-accum 4 at 6.2 GiB, 22.3 s per step (1: 9.4 GiB in 4 steps).
 CPU_TRAIN := --mixed-precision bf16 --num-generations 4 --pairs-per-step 4 --critiques-per-pair 4 \
-  --max-completion-length 96 --max-critique-length 128 --static-questions 32 --static-k 4 --grad-accum 4
+  --static-questions 32 --static-k 4 --grad-accum 4
+# knobs, e.g. `make experiment RL_STEPS=40 SEEDS=0,1,2,3,4`; EXTRA: more experiment.py flags
+# (e.g. EXTRA="--gsm8k-dir DIR --train-args --beta 1e-3"). One DIR needs the same sizes for every run.
+RL_STEPS ?= 12
+LIMIT ?= 256
+CRITIQUE_QUESTIONS ?= 64
+SEEDS ?= 0,1,2
+FINDINGS_SEEDS ?= 0,1
+EXTRA ?=
+GRID := --rl-steps $(RL_STEPS) --limit $(LIMIT) --critique-questions $(CRITIQUE_QUESTIONS) $(CPU_RUN) $(CPU_TRAIN)
 
 DEMO ?= runs/demo
-demo: setup  ## the main job: base -> cold start -> GC-RL, before/after table. CPU, offline, ~12 min
-	$(BIN)/python eval.py --experiment $(DEMO) --methods gc --with-base --rl-steps 10 $(CPU_RUN) \
-	  --train-args $(CPU_TRAIN)
+DEMO_STEPS ?= 10
+demo: setup  ## the main job: base -> cold start -> GC-RL, before/after table (runs/demo/results.md). CPU, ~12 min
+	$(BIN)/python experiment.py $(DEMO) --methods gc --seeds 0 --with-base --rl-steps $(DEMO_STEPS) --limit 32 \
+	  --critique-questions 32 --k-ref 0 $(CPU_RUN) $(CPU_TRAIN)
 
 test: setup  ## the test suite: CPU, offline
 	$(BIN)/python -m pytest
@@ -45,9 +55,13 @@ bench: setup  ## benchmarks; each prints a JSON line last
 	$(BIN)/python bench/vs_trl.py
 
 EXPERIMENT ?= runs/experiment
-experiment: setup  ## C-RL vs G-RL vs GC-RL from one cold start, then the paper-style table. CPU, ~20 min
-	$(BIN)/python eval.py --experiment $(EXPERIMENT) --methods c,g,gc --rl-steps 12 $(CPU_RUN) \
-	  --train-args $(CPU_TRAIN)
+experiment: setup  ## Table 1: C-RL vs G-RL vs GC-RL from one cold start, seeds $(SEEDS), report in results.md
+	$(BIN)/python experiment.py $(EXPERIMENT) --methods g,c,gc --seeds $(SEEDS) $(GRID) $(EXTRA)
+
+# every ablation of the paper's section 5, into the SAME dir: g / c / gc seeds of `make experiment` are reused
+FINDINGS_METHODS := g,c,gc,gc-random,gc-random-reweight,gc-static,c-dynamic,gc-precision,gc-recall,gc-denoise,c-denoise
+findings: setup  ## the ablations (Table 2, static vs dynamic, reward steering, denoising), seeds $(FINDINGS_SEEDS)
+	$(BIN)/python experiment.py $(EXPERIMENT) --methods $(FINDINGS_METHODS) --seeds $(FINDINGS_SEEDS) $(GRID) $(EXTRA)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

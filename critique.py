@@ -1,4 +1,4 @@
-"""Second-order rollout (arXiv 2602.22765, sections 2-3, 5-7): the policy critiques its own answers.
+"""Second-order rollout (arXiv 2602.22765, §3 and Figure 2; setup §4): the policy critiques its own answers.
 
     pairs = pairs_from_rollout(samples, records, rewards, rng)  # label-balance filter: 1 right + 1 wrong / question
     cache.push(pairs)                                           # QRCache: always exactly 1:1 right:wrong
@@ -9,23 +9,23 @@ What is here, top to bottom:
     response, never the reference answer: the prompt functions do not take one.
   - `QRCache`, the question-response data cache with the paper's 1:1 label balance.
   - `pairs_from_rollout` and `second_order_rollout`, including denoising by self-correction (Eq. 4).
-  - static pairs for C-RL (section 7: 10 responses per question sampled once from the starting policy).
-  - cold-start data (section 6, DESIGN.md section 3): for the built-in `arith` task a program is the teacher.
+  - static pairs for C-RL (the paper's C-RL baseline, §4: 10 responses per question sampled once from the
+    starting policy).
+  - cold-start data (the paper's cold start, §4, distils critiques from GPT-5): for the built-in `arith` task a
+    program is the teacher instead.
   - `load_critique_data`: critique evaluation sets (`gsm8k-solutions:PATH.jsonl`, `jsonl:PATH`).
 
 Deliberately not done: refinement tokens are never trained (the paper uses them for the reward only), and the
 critique's intermediate steps are not verified (outcome reward, as in the paper). `rollout` (and so torch) is
 imported only by the functions that sample, so prompts, cache and data files work without it.
 """
-import json
-import os
 import random
 import re
 from fractions import Fraction
 from pathlib import Path
 
 import reward
-from data import DataError, chat_ids, read_jsonl
+from data import DataError, chat_ids, read_jsonl, require_field, write_jsonl
 
 # ----------------------------------------------------------------------------- prompts
 
@@ -84,8 +84,8 @@ def refine_prompt(tokenizer, question, response, critique, template=None):
 # ----------------------------------------------------------------------------- the question-response cache
 
 class QRCache:
-    """The question-response data cache (paper section 2): <question, response, label> pairs that passed the
-    label-balance filter, sampled without replacement for second-order rollout.
+    """The question-response data cache (the paper's Figure 2, §3): <question, response, label> pairs that
+    passed the label-balance filter, sampled without replacement for second-order rollout.
 
     Invariant: it always holds exactly as many right as wrong pairs.
       - `push` takes balanced lists only (the filter's output: one right + one wrong per question).
@@ -95,14 +95,16 @@ class QRCache:
       - over `capacity` pairs, the oldest right and the oldest wrong pair are evicted together (oldest-first
         by push order), so the effective capacity is the even number <= capacity.
     Right and wrong pairs drawn together need not share a question (pops are random within each label).
+    balanced=False (the ablation `--pair-filter random`, the paper's Table 2 "random sampling"): any pairs are
+    taken, `pop(k)` draws k uniformly among all held, eviction is oldest-first; nothing keeps the labels 1:1.
     `state_dict()` is JSON-serialisable (pairs, counters and the rng state) for checkpoints."""
 
-    def __init__(self, capacity=4096, seed=0):
+    def __init__(self, capacity=4096, seed=0, balanced=True):
         if capacity < 2:
             raise ValueError(f"QRCache capacity must be >= 2, got {capacity}")
-        self.capacity = int(capacity)
+        self.capacity, self.balanced = int(capacity), bool(balanced)
         self.rng = random.Random(seed)
-        self.right, self.wrong = [], []  # each in push order: index 0 is the oldest
+        self.right, self.wrong = [], []  # each in push order: index 0 is the oldest (balanced=False: all in right)
         self.pushed = self.popped = self.evicted = 0
 
     def __len__(self):
@@ -111,6 +113,12 @@ class QRCache:
     def push(self, pairs):
         """Add balanced pairs (dicts with question, response, label: bool, answer)."""
         pairs = list(pairs)
+        if not self.balanced:  # one pool in push order
+            self.right += pairs
+            self.pushed += len(pairs)
+            self.evicted += max(len(self.right) - self.capacity, 0)
+            del self.right[:max(len(self.right) - self.capacity, 0)]
+            return
         right = [p for p in pairs if p["label"]]
         wrong = [p for p in pairs if not p["label"]]
         if len(right) != len(wrong):
@@ -132,7 +140,11 @@ class QRCache:
         return chosen
 
     def pop(self, k):
-        """Remove and return up to k pairs: k//2 right and k//2 wrong, interleaved."""
+        """Remove and return up to k pairs: k//2 right and k//2 wrong, interleaved (balanced=False: k at random)."""
+        if not self.balanced:
+            chosen = self._take(self.right, min(max(int(k), 0), len(self.right)))
+            self.popped += len(chosen)
+            return chosen
         h = min(max(int(k), 0) // 2, len(self.right))
         right, wrong = self._take(self.right, h), self._take(self.wrong, h)
         self.popped += 2 * h
@@ -144,14 +156,14 @@ class QRCache:
 
     def state_dict(self):
         version, internal, gauss = self.rng.getstate()
-        return dict(capacity=self.capacity, right=list(self.right), wrong=list(self.wrong),
+        return dict(capacity=self.capacity, balanced=self.balanced, right=list(self.right), wrong=list(self.wrong),
                     rng=[version, list(internal), gauss], pushed=self.pushed, popped=self.popped,
                     evicted=self.evicted)
 
     def load_state_dict(self, state):
-        self.capacity = int(state["capacity"])
+        self.capacity, self.balanced = int(state["capacity"]), bool(state.get("balanced", True))
         self.right, self.wrong = [dict(p) for p in state["right"]], [dict(p) for p in state["wrong"]]
-        if len(self.right) != len(self.wrong):
+        if self.balanced and len(self.right) != len(self.wrong):
             raise ValueError("QRCache state is not balanced (corrupt checkpoint?)")
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
@@ -160,9 +172,14 @@ class QRCache:
 
 # ----------------------------------------------------------------------------- first -> second order
 
-def pairs_from_rollout(samples, records, rewards, rng):
-    """First-order samples (rollout.first_order_rollout) and their Eq. 1 rewards -> balanced pairs
-    {question, response, label, answer, id} via reward.balance (one right + one wrong per mixed question)."""
+PAIR_FILTERS = ("balance", "random")
+
+
+def pairs_from_rollout(samples, records, rewards, rng, pair_filter="balance"):
+    """First-order samples (rollout.first_order_rollout) and their Eq. 1 rewards -> pairs
+    {question, response, label, answer, id}. balance: reward.balance, one right + one wrong per mixed question
+    (the paper's filter). random (Table 2's "random sampling"): as many per question (two), drawn uniformly
+    among all of its responses, uniform questions included, so only the label balance differs."""
     if len(samples) != len(rewards):
         raise ValueError(f"{len(samples)} samples but {len(rewards)} rewards")
     order, groups = [], {}  # q_index -> sample indices, in first-seen order
@@ -171,8 +188,15 @@ def pairs_from_rollout(samples, records, rewards, rng):
             order.append(s["q_index"])
             groups[s["q_index"]] = []
         groups[s["q_index"]].append(i)
+    if pair_filter not in PAIR_FILTERS:
+        raise ValueError(f"unknown pair filter {pair_filter!r}; valid: {', '.join(PAIR_FILTERS)}")
+    scores = [[rewards[i] for i in groups[q]] for q in order]
+    if pair_filter == "balance":
+        chosen = reward.balance(scores, rng)
+    else:
+        chosen = [(gi, ri, g[ri] > 0.5) for gi, g in enumerate(scores) for ri in rng.sample(range(len(g)), min(2, len(g)))]
     pairs = []
-    for gi, ri, label in reward.balance([[rewards[i] for i in groups[q]] for q in order], rng):
+    for gi, ri, label in chosen:
         q = order[gi]
         rec = records[q]
         pairs.append(dict(question=rec["question"], response=samples[groups[q][ri]]["text"], label=bool(label),
@@ -243,8 +267,8 @@ def second_order_rollout(sampler, tokenizer, pairs, m, scheme="plain", p_correct
 # ----------------------------------------------------------------------------- static pairs (C-RL)
 
 def build_static_pairs(sampler, tokenizer, records, k=10, seed=0, **gen):
-    """C-RL's static pair set (paper section 7): k responses per question sampled once from the (starting)
-    policy, scored with Eq. 1, then the balance filter (one right + one wrong per mixed question)."""
+    """C-RL's static pair set (the paper's C-RL baseline, §4): k responses per question sampled once from the
+    (starting) policy, scored with Eq. 1, then the balance filter (one right + one wrong per mixed question)."""
     from rollout import first_order_rollout
     gen.setdefault("seed", seed)
     samples = first_order_rollout(sampler, tokenizer, records, k, **gen)
@@ -255,21 +279,9 @@ def build_static_pairs(sampler, tokenizer, records, k=10, seed=0, **gen):
     return pairs
 
 
-def _write_jsonl_atomic(path, rows):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_pairs(path, pairs):
-    """Write pairs as jsonl, atomically (tmp file, then rename)."""
-    _write_jsonl_atomic(path, pairs)
+    """Write pairs as jsonl, atomically (data.write_jsonl); load_pairs reads them back."""
+    write_jsonl(path, pairs)
 
 
 _LABELS = {"right": True, "correct": True, "true": True, "1": True,
@@ -281,8 +293,7 @@ def _pair(row, where, default_id):
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     for key in ("question", "response"):
-        if not isinstance(row.get(key), str) or not row[key].strip():
-            raise DataError(f"{where}: missing or empty {key!r}")
+        require_field(row, key, where)
     label = row.get("label")
     if not isinstance(label, bool):
         label = _LABELS.get(str(label).strip().lower()) if isinstance(label, (str, int)) else None
@@ -443,7 +454,7 @@ def synth_response(record, rng, right=True, kind=None, style=None):
 
 
 def cold_start_data(records, out_path, responses=None, seed=0, n_wrong=1, generation=True):
-    """Write the SFT cold-start jsonl (contract "SFT / cold-start jsonl") for arith records:
+    """Write the SFT cold-start jsonl (the {question, response, critique?} rows `train.py --mode sft` reads):
       - critique rows {question, response, critique, label}: teacher_critique of each response, label from
         reward.is_correct; the file has exactly as many right as wrong critique rows;
       - generation rows {question, response} with the program solution (`generation=False` leaves them out),
@@ -486,7 +497,7 @@ def cold_start_data(records, out_path, responses=None, seed=0, n_wrong=1, genera
     if generation:
         rows += [dict(question=r["question"], response=r["solution"]) for r in records]
     rng.shuffle(rows)
-    _write_jsonl_atomic(out_path, rows)
+    write_jsonl(out_path, rows)
     n_r = sum(1 for r in rows if r.get("label") is True)
     return dict(path=str(out_path), n_critique=len(crit), n_right=n_r, n_wrong=len(crit) - n_r,
                 n_generation=len(records) if generation else 0, n_policy=n_policy)
@@ -501,8 +512,7 @@ def _gsm8k_solutions(path, seed=0, limit=None):
     stem, pairs = Path(path).stem, []
     for i, row in enumerate(read_jsonl(path, "gsm8k-solutions"), 1):
         where = f"{path} row {i}"
-        if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not row["question"].strip():
-            raise DataError(f"{where}: missing or empty 'question'")
+        require_field(row, "question", where)
         m = re.search(r"(?:^|\n)\s*A:\s*(.+?)\s*$", str(row.get("ground_truth", "")))
         if not m:
             raise DataError(f"{where}: 'ground_truth' does not end with an 'A: x' line")

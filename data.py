@@ -1,6 +1,6 @@
 """Task sources -> records {id, question, answer}, and the generation prompt.
 
-A data SPEC names a source (DESIGN.md §7):
+A data SPEC names a source:
     arith            built-in arithmetic word problems, levels 1-3 mixed
     arith:LEVEL      one level (1 = one step, 2 = two steps, 3 = three steps with * and /)
     gsm8k            GSM8K from the Hugging Face hub (needs network or a warm HF cache)
@@ -14,9 +14,14 @@ that ends in \\boxed{answer}: the teacher for the cold start (critique.py) reads
 
 The arith train/test split is decided by a hash of the question text, not by the seed, so a
 question that lands in the test split can never be generated for training.
+
+This is the lowest module (it imports no other gcrl file), so the helpers every module shares live here:
+`read_jsonl`, the atomic writers `write_json` / `write_jsonl`, and `require_field`, the one check of a
+row's question / answer / response fields.
 """
 import hashlib
 import json
+import os
 import random
 import re
 from pathlib import Path
@@ -108,6 +113,42 @@ def _gsm8k_gold(answer, where):
     return answer.split("####")[-1].strip().replace(",", "")
 
 
+def require_field(row, key, where, text=True):
+    """row[key] if it is present and not blank, else DataError "{where}: missing or empty {key!r}". With `text`
+    (questions, responses) it must be a string; without (gold answers) any JSON value, e.g. the number 72."""
+    v = row.get(key) if isinstance(row, dict) else None
+    if v is None or (isinstance(v, str) and not v.strip()) or (text and not isinstance(v, str)):
+        raise DataError(f"{where}: missing or empty {key!r}")
+    return v
+
+
+def _write_atomic(path, chunks):
+    """Write the strings `chunks` to `path` via a temporary file and a rename, so that no reader (and no
+    resumed run after a kill) ever sees half a file. Creates the parent directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # pid: two processes never share a tmp file
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.writelines(chunks)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. a row that is not JSON-serialisable: leave no stray tmp file
+        raise
+
+
+def write_json(path, obj):
+    """One JSON document (indented), written atomically."""
+    _write_atomic(path, [json.dumps(obj, indent=2, ensure_ascii=False), "\n"])
+
+
+def write_jsonl(path, rows):
+    """One JSON object per line, written atomically; read it back with read_jsonl."""
+    _write_atomic(path, (json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
 def read_jsonl(path, what="jsonl"):
     """Rows of a jsonl file; the error names the file and line of any bad row."""
     p = Path(path)
@@ -130,12 +171,9 @@ def _records(rows, where, q_field="question", a_field="answer", gsm8k=False, ski
     and counted when skip_bad)."""
     out, dropped = [], 0
     for i, row in enumerate(rows, 1):
-        q, a = (row.get(q_field), row.get(a_field)) if isinstance(row, dict) else (None, None)
         try:
-            if not isinstance(q, str) or not q.strip():
-                raise DataError(f"{where} row {i}: missing or empty {q_field!r}")
-            if a is None or (isinstance(a, str) and not a.strip()):
-                raise DataError(f"{where} row {i}: missing or empty {a_field!r}")
+            q = require_field(row, q_field, f"{where} row {i}")
+            a = require_field(row, a_field, f"{where} row {i}", text=False)
             a = _gsm8k_gold(a, f"{where} row {i}") if gsm8k else str(a).strip()
         except DataError:
             if not skip_bad:

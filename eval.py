@@ -3,9 +3,9 @@
     python eval.py --model M_OR_CHECKPOINT --data SPEC [--critique-data SPEC] --limit N --out FILE.json
     python eval.py --compare RUN_DIR_OR_JSON ...   # paper-style markdown table (rows: methods, columns: datasets)
     python eval.py --plot RUN_DIR                  # RUN_DIR/metrics.jsonl -> RUN_DIR/plots/*.png
-    python eval.py --experiment runs/experiment    # cold start, then G-RL / C-RL / GC-RL, eval each, the table
+    python eval.py --make-critique-set OUT.jsonl --model M --data arith:1 --limit N   # experiment.py's fixed set
 
-What one eval measures (PAPER.md §7):
+What one eval measures (the paper's evaluation, arXiv 2602.22765 §4 and Table 1):
 - generation, on `--data` (arith: its test split): greedy accuracy (the paper's metric), boxed-format rate,
   mean length, truncation rate; with `--k` samples per question also mean accuracy over the samples (pass@1),
   majority-vote accuracy (maj@k, a vote over normalised extracted answers; no answer = no vote) and pass@k.
@@ -14,31 +14,32 @@ What one eval measures (PAPER.md §7):
 - critique, on a balanced set (one right and one wrong response per question, 1:1 as in the paper):
   `--critique-data gsm8k-solutions:PATH.jsonl` (or `jsonl:PATH`) through critique.load_critique_data, or by
   default the evaluated model's own `--k` samples on `--data` through the label-balance filter (reward.balance).
-  Accuracy of the verdict, precision / recall / F1 with "right" as the positive class (PAPER §3), verdict
-  format rate, "wrong" rate, mean critique reward (Eq. 2) and, with `--k-ref R`, the denoised reward of
-  Table 5 (mean of Eq. 2 + Eq. 4 with R refinements). A critique without a verdict counts as a wrong call.
-  Greedy critiques unless `--critique-samples c` > 1.
+  Accuracy of the verdict, precision / recall / F1 with "right" as the positive class (as the paper's reward
+  steering, §5.4, reads), verdict format rate, "wrong" rate, mean critique reward (Eq. 2) and, with
+  `--k-ref R`, the denoised reward of Table 5 (mean of Eq. 2 + Eq. 4 with R refinements). A critique without
+  a verdict counts as a wrong call. Greedy critiques unless `--critique-samples c` > 1.
 - selection (not in the paper): each of the k samples is critiqued c times; the sample with the most "right"
   votes is the answer (ties: the larger answer cluster, then the earlier sample), reported beside pass@1 and
   maj@k.
 
+The result JSON also carries `items`, the per-item outcomes behind the metrics (question ids; greedy, sampled
+and majority-vote correctness per question; each critique's question, label, verdict, correctness and, with
+`--k-ref`, denoised reward, in pair order) for experiment.py's paired statistics.
+
 Layout: pure metric functions first (hand-checkable; the tests feed them constructed inputs), then the
-sampling code that feeds them, then the CLI, the comparison table, plots and the small-scale experiment.
+sampling code that feeds them, then the CLI, the comparison table, plots and the critique test set of
+experiment.py (`--make-critique-set`).
 Deliberately not done: unbiased pass@k estimators from n > k samples; per-dataset prompt templates; any
 metric needing a reference model (e.g. a judge LLM).
 """
 import argparse
-import ctypes
-import gc
 import json
 import math
-import os
 import random
 import re
 import sys
 import time
 from collections import Counter, defaultdict
-from fractions import Fraction
 from pathlib import Path
 
 
@@ -59,26 +60,10 @@ def accuracy(correct):
     return mean(1.0 if c else 0.0 for c in correct)
 
 
-def normalize_answer(ans):
-    """An extracted answer -> a canonical string for voting, or None for no answer.
-    Numbers compare as exact fractions (`1,000` = `1000.0` = `$1000`; `0.5` = `1/2`); other text is
-    compared without whitespace, case-folded."""
-    if ans is None:
-        return None
-    s = re.sub(r"\\[$%]|[$%]|\\[!,;: ]", "", str(ans)).strip().rstrip(".").strip()
-    s = re.sub(r"^\\(?:text|textbf|mathrm)\{(.*)\}$", r"\1", s).strip()
-    if not s:
-        return None
-    try:
-        f = Fraction(s.replace(",", ""))
-        return str(f.numerator) if f.denominator == 1 else f"{f.numerator}/{f.denominator}"
-    except (ValueError, ZeroDivisionError):
-        return re.sub(r"\s+", "", s).casefold()
-
-
 def majority_vote(answers):
-    """The most frequent normalised answer (None answers cast no vote); ties go to the answer seen first.
-    Returns (answer, index of the first response carrying it), or (None, None) when nobody answered."""
+    """The most frequent answer after reward.normalize_answer (None answers cast no vote); ties go to the answer
+    seen first. Returns (answer, index of the first response carrying it), or (None, None) when nobody answered."""
+    from reward import normalize_answer  # the verifier's own normalisation: a vote never splits a right answer
     norm = [normalize_answer(a) for a in answers]
     counts = Counter(a for a in norm if a is not None)
     if not counts:
@@ -96,6 +81,7 @@ def critique_guided_select(answers, right_votes):
         raise ValueError(f"{len(answers)} answers but {len(right_votes)} vote counts")
     if not answers:
         return None
+    from reward import normalize_answer
     norm = [normalize_answer(a) for a in answers]
     counts = Counter(a for a in norm if a is not None)
     return max(range(len(answers)), key=lambda i: (right_votes[i], counts.get(norm[i], 0), -i))
@@ -103,8 +89,8 @@ def critique_guided_select(answers, right_votes):
 
 def classification_metrics(verdicts, labels, zero_division=None):
     """Critic metrics on verdicts ("right" | "wrong" | None) against labels (True = the response is right).
-    "right" is the positive class (PAPER §3, reward steering). No verdict counts as a wrong call: it lowers
-    accuracy and recall (a right response not called right) but is no false positive.
+    "right" is the positive class (as the paper's reward steering, §5.4, reads). No verdict counts as a wrong
+    call: it lowers accuracy and recall (a right response not called right) but is no false positive.
 
     Precision (no "right" verdicts), recall (no right responses) and F1 (precision + recall = 0, or one of them
     undefined) can be 0/0: they are then `zero_division` (None -> null in JSON; sklearn uses 0) and named in
@@ -222,21 +208,77 @@ def score(text, gold, strict=True):
                 boxed=reward.extract_answer(text, ()) is not None)
 
 
-def sample_responses(sampler, tok, records, n, strict=True, **gen):
+def progress_bar(desc):
+    """(callback for rollout.Sampler.generate's `progress`, tqdm bar) counting sampled rows. The bar lives
+    outside the sampling, so the samples are the same with or without it. A second generate call in the same
+    phase (the refinements after the critiques) extends the bar."""
+    from tqdm import tqdm
+    bar = tqdm(desc=desc, total=0, unit="row", dynamic_ncols=True, mininterval=1.0)
+    base = [0]
+
+    def progress(done, total):
+        if done == 0:
+            base[0] = bar.n
+            bar.total = bar.n + total
+            bar.refresh()
+        else:
+            bar.update(base[0] + done - bar.n)
+    return progress, bar
+
+
+def sample_responses(sampler, tok, records, n, strict=True, desc=None, **gen):
     """n responses per record through rollout.first_order_rollout (gen: its sampling kwargs and prompt `style`),
-    scored: a list (per record) of lists."""
+    scored: a list (per record) of lists. `desc`: show a progress bar with this title."""
     import rollout
+    progress, bar = progress_bar(desc) if desc else (None, None)
+    if progress:
+        gen["progress"] = progress
     groups = [[] for _ in records]
-    for o in rollout.first_order_rollout(sampler, tok, records, n, **gen):
-        o.update(score(o["text"], records[o["q_index"]]["answer"], strict))
-        groups[o["q_index"]].append(o)
+    try:
+        for o in rollout.first_order_rollout(sampler, tok, records, n, **gen):
+            o.update(score(o["text"], records[o["q_index"]]["answer"], strict))
+            groups[o["q_index"]].append(o)
+    finally:
+        if bar:
+            bar.close()
     return groups
 
 
-def run_critiques(sampler, tok, pairs, c, k_ref=0, **gen):
+def run_critiques(sampler, tok, pairs, c, k_ref=0, desc=None, **gen):
     """c critiques of each pair (critique.second_order_rollout, plain Eq. 2 reward), in pair order."""
     import critique
-    return critique.second_order_rollout(sampler, tok, pairs, c, scheme="plain", k_ref=k_ref, **gen)
+    progress, bar = progress_bar(desc) if desc else (None, None)
+    if progress:
+        gen["progress"] = progress
+    try:
+        return critique.second_order_rollout(sampler, tok, pairs, c, scheme="plain", k_ref=k_ref, **gen)
+    finally:
+        if bar:
+            bar.close()
+
+
+def item_outcomes(records, greedy, samples, pairs, crits, k_ref=0):
+    """Per-item outcomes behind the metrics, for paired statistics across models evaluated on the same items:
+    question ids; greedy / each sample / the majority-vote response correct (0/1) per question; one entry per
+    critique in pair order: its pair's question and label, the verdict, whether it was right and (k_ref > 0)
+    its denoised reward (Eq. 2 + Eq. 4)."""
+    import reward
+    maj = []
+    for g in samples or []:
+        _, i = majority_vote([r["answer"] for r in g])
+        maj.append(int(i is not None and bool(g[i]["correct"])))
+    crit = []
+    per = len(crits) // len(pairs) if pairs else 0  # critiques come pair-major, `per` of each pair
+    for j, x in enumerate(crits or []):  # (x["pair_index"] indexes the selection's samples when reused from there)
+        label = bool(x["label"])
+        e = dict(pair=j // per, question=pairs[j // per]["question"], label=label,
+                 verdict=x["verdict"], correct=int(x["verdict"] == ("right" if label else "wrong")))
+        if k_ref:
+            e["denoised"] = reward.critique_reward(x["verdict"], label) + float(x.get("bonus") or 0.0)
+        crit.append(e)
+    return dict(question_ids=[r["id"] for r in records], greedy=[int(bool(r["correct"])) for r in greedy],
+                samples=[[int(bool(r["correct"])) for r in g] for g in samples] if samples else None,
+                majority=maj if samples else None, critique=crit)
 
 
 def critique_metrics(crits, pairs, source, c, k_ref=0):
@@ -289,12 +331,13 @@ def evaluate(model, tok, args, log=print):
     records = data.load_data(args.data, split=split, limit=args.limit or 100, seed=args.seed)
     gen = dict(max_new_tokens=args.max_new_tokens, top_p=args.top_p, style=args.prompt_style)
     log(f"[eval] {len(records)} questions from {args.data} ({split}): greedy")
-    greedy = [g[0] for g in sample_responses(sampler, tok, records, 1, strict, temperature=0.0, seed=args.seed, **gen)]
+    greedy = [g[0] for g in sample_responses(sampler, tok, records, 1, strict, desc="greedy", temperature=0.0,
+                                             seed=args.seed, **gen)]
     samples = None
     if args.k > 0:
         log(f"[eval] {args.k} samples per question at temperature {args.temperature}")
-        samples = sample_responses(sampler, tok, records, args.k, strict, temperature=args.temperature,
-                                   seed=args.seed + 1, **gen)
+        samples = sample_responses(sampler, tok, records, args.k, strict, desc=f"{args.k} samples",
+                                   temperature=args.temperature, seed=args.seed + 1, **gen)
     generation = dict(generation_metrics(greedy, samples), reason=None)
 
     c = args.critique_samples
@@ -303,6 +346,7 @@ def evaluate(model, tok, args, log=print):
     # selection critiques every sample c times; the self critique set is a subset of those samples, so its
     # critiques are reused from there (same settings) unless refinements (--k-ref) are wanted
     all_crits = None
+    pairs, crits, k_ref = [], [], 0  # the critique set and its critiques, for the per-item outcomes
     if args.no_selection or args.no_critique:
         sel = null_block(SEL_KEYS, "skipped (--no-selection / --no-critique)")
     elif samples is None or args.k < 2:
@@ -312,7 +356,7 @@ def evaluate(model, tok, args, log=print):
         flat = [r for g in samples for r in g]
         all_crits = run_critiques(sampler, tok, [dict(question=records[r["q_index"]]["question"], response=r["text"],
                                                       label=r["correct"], answer=records[r["q_index"]]["answer"])
-                                                 for r in flat], c, **cgen)
+                                                 for r in flat], c, desc="selection critiques", **cgen)
         for r in flat:
             r["right_votes"] = 0
         for x in all_crits:
@@ -346,7 +390,7 @@ def evaluate(model, tok, args, log=print):
                     by_pair[x["pair_index"]].append(x)
                 crits = [x for p in pairs for x in by_pair[p["index"]]]
             else:
-                crits = run_critiques(sampler, tok, pairs, c, k_ref=k_ref, **cgen)
+                crits = run_critiques(sampler, tok, pairs, c, k_ref=k_ref, desc="critiques", **cgen)
             crit = critique_metrics(crits, pairs, source, c, args.k_ref)
             if args.k_ref and not k_ref:
                 crit["denoised_reward"] = None
@@ -359,8 +403,9 @@ def evaluate(model, tok, args, log=print):
         dump = [dict(kind="greedy", id=r["id"], text=r["text"], correct=r["correct"]) for r in greedy]
         dump += [dict(kind="sample", id=r["id"], text=r["text"], correct=r["correct"], right_votes=r.get("right_votes"))
                  for g in (samples or []) for r in g]
-        _write_jsonl(args.save_samples, dump)
-    return dict(generation={k: generation[k] for k in GEN_KEYS}, critique=crit, selection=sel,
+        data.write_jsonl(args.save_samples, dump)
+    items = item_outcomes(records, greedy, samples, pairs or [], crits, k_ref)
+    return dict(generation={k: generation[k] for k in GEN_KEYS}, critique=crit, selection=sel, items=items,
                 time_s=round(time.time() - t0, 1))
 
 
@@ -593,49 +638,24 @@ def plot_run(run_dir):
     return written
 
 
-# ============================================================================ the small-scale experiment
+# ============================================================================ experiment.py's critique test set
 
-EXPERIMENT_METHODS = [("w/o RL", "sft"), ("C-RL", "c"), ("G-RL", "g"), ("GC-RL", "gc")]
-EVAL_FLAGS = ("prompt_style", "k", "temperature", "top_p", "max_new_tokens", "critique_samples",
-              "critique_temperature", "critique_max_new_tokens", "k_ref", "seed", "dtype", "device", "batch", "max_len")
-
-
-def _eval_argv(args):
-    """The eval flags of the experiment's own command line, to pass on to each eval."""
-    out = []
-    for name in EVAL_FLAGS:
-        v = getattr(args, name)
-        if v is not None:
-            out += ["--" + name.replace("_", "-"), str(v)]
-    return out + (["--lenient"] if args.lenient else []) + (["--no-selection"] if args.no_selection else [])
-
-
-def _release_memory():
-    """Between the experiment's stages (each a model, an optimizer, activations): hand freed heap back to the OS.
-    glibc keeps it otherwise, and the next stage starts on top of it: after the demo's SFT stage returned, 3.3 GiB
-    stayed resident with nothing alive; malloc_trim took the process to 0.5 GiB."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
-
-
-def _done(run):
-    return (Path(run) / "final" / "config.json").is_file()
-
-
-def build_critique_test_set(model, records, path, args):
-    """The experiment's fixed critique test set, shared by every method: the cold-start model's own `--k`
-    samples on the test questions through the balance filter, topped up (arith only) with program-written
-    right / wrong responses (critique.synth_response) for the questions whose samples were all right or all
-    wrong, so every question gives one right and one wrong response."""
+def build_critique_test_set(args):
+    """experiment.py's fixed critique test set (--make-critique-set OUT), shared by every method: the --model's
+    (the cold start's) own `--k` samples (at least 2) on the first --limit test questions of --data through the
+    balance filter, topped up (arith only) with program-written right / wrong responses
+    (critique.synth_response) for the questions whose samples were all right or all wrong, so every question
+    gives one right and one wrong response. Returns the number of pairs written."""
     import critique
+    import data
     import rollout
-    model_obj, tok = load_model(model, args.dtype, _device(args))
+    split = "test" if str(args.data).split(":")[0] == "arith" else args.split
+    records = data.load_data(args.data, split=split, limit=args.limit or 100, seed=args.seed)
+    model_obj, tok = load_model(args.model, args.dtype, _device(args))
     sampler = rollout.Sampler(model_obj, max_batch=args.batch, max_len=args.max_len)
-    groups = sample_responses(sampler, tok, records, max(args.k, 2), not args.lenient, temperature=args.temperature,
-                              max_new_tokens=args.max_new_tokens, top_p=args.top_p, seed=args.seed + 7)
+    groups = sample_responses(sampler, tok, records, max(args.k, 2), not args.lenient, desc="critique-set samples",
+                              temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_p=args.top_p,
+                              seed=args.seed + 7, style=args.prompt_style)
     pairs = self_critique_set(records, groups, args.seed)
     n_policy = len(pairs)
     have, rng = {p["question"] for p in pairs}, random.Random(args.seed)
@@ -644,113 +664,16 @@ def build_critique_test_set(model, records, path, args):
             pairs += [dict(question=rec["question"], response=critique.synth_response(rec, rng, right=lab),
                            label=lab, answer=rec["answer"]) for lab in (True, False)]
     pairs = [{k: v for k, v in p.items() if k != "index"} for p in pairs]
-    critique.save_pairs(path, pairs)
-    print(f"[experiment] critique test set: {len(pairs)} pairs ({n_policy} from the cold-start model's samples, "
-          f"{len(pairs) - n_policy} program-written) -> {path}")
-    del model_obj, sampler
-
-
-def experiment(args):
-    """The paper's comparison (Table 1) at small scale, in DIR = --experiment:
-      1. DIR/cold_start.jsonl: critique.cold_start_data on --cold-start-n arith train questions (disjoint from the
-         RL questions): teacher critiques of right and wrong responses, plus program solutions;
-      2. DIR/sft: the cold start, train.main --mode sft from --model ("w/o RL" in the table);
-      3. DIR/g, DIR/c, DIR/gc: G-RL, C-RL and GC-RL from DIR/sft/final with the same questions (--data, the
-         first --train-limit records), seed, steps, learning rate and first-order questions per step
-         (C-RL: the same pairs per step as GC-RL, static pairs built by train.py from the cold-start model);
-      4. DIR/critique_test.jsonl: one fixed balanced critique set for every method (build_critique_test_set);
-      5. DIR/<run>/eval-<data>.json for each run (and the GSM8K dev files with --gsm8k-dir), DIR/table.md.
-    A step whose output exists is skipped, so an interrupted experiment continues; delete DIR to start over.
-    --train-args ... goes to every train.main call (last, so it overrides). Returns the markdown table."""
-    import critique
-    import data
-    import train
-    wanted = args.methods.split(",")
-    bad = set(wanted) - {mode for _, mode in EXPERIMENT_METHODS[1:]}
-    if bad:
-        raise EvalError(f"--methods: unknown {sorted(bad)}; choose from c, g, gc")
-    methods = [(label, mode) for label, mode in EXPERIMENT_METHODS[1:] if mode in wanted]
-    root = Path(args.experiment)
-    root.mkdir(parents=True, exist_ok=True)
-    limit = args.limit or 50
-    say = lambda msg: print(f"[experiment] {msg}", flush=True)  # noqa: E731
-
-    cold = Path(args.cold_start_data) if args.cold_start_data else root / "cold_start.jsonl"
-    if not cold.exists():
-        if not str(args.data).startswith("arith"):
-            raise EvalError(f"--experiment: the cold start's program teacher needs arith --data (got {args.data!r}); "
-                            "pass --cold-start-data PATH.jsonl of {question, response, critique?} rows instead")
-        recs = data.load_data(args.data, split="train", limit=args.train_limit + args.cold_start_n, seed=args.seed)
-        info = critique.cold_start_data(recs[args.train_limit:], cold, seed=args.seed)
-        say(f"cold-start data: {info}")
-
-    sft = root / "sft"
-    if not _done(sft):
-        say("cold start (SFT)")
-        train.main(["--mode", "sft", "--model", args.model, "--data", f"jsonl:{cold}", "--out", str(sft),
-                    "--max-steps", str(args.sft_steps), "--questions-per-step", str(args.sft_batch),
-                    "--lr", str(args.sft_lr), "--seed", str(args.seed)] + args.train_args)
-        _release_memory()
-    start = str(sft / "final")
-    common = ["--model", start, "--data", args.data, "--limit", str(args.train_limit), "--seed", str(args.seed),
-              "--max-steps", str(args.rl_steps), "--questions-per-step", str(args.questions),
-              "--lr", str(args.rl_lr)]
-    for label, mode in methods:
-        if not _done(root / mode):
-            say(f"{label}: train.py --mode {mode}")
-            extra = ["--static-pairs", args.static_pairs] if mode == "c" and args.static_pairs else []
-            train.main(["--mode", mode, "--out", str(root / mode)] + common + extra + args.train_args)
-            _release_memory()
-
-    split = "test" if str(args.data).startswith("arith") else args.split
-    test_recs = data.load_data(args.data, split=split, limit=limit, seed=args.seed)
-    crit_set = root / "critique_test.jsonl"
-    if not crit_set.exists():
-        build_critique_test_set(start, test_recs, crit_set, args)
-        _release_memory()
-    evals = [(args.data, f"jsonl:{crit_set}", "eval-" + re.sub(r"\W+", "_", str(args.data)))]
-    if args.gsm8k_dir:
-        g = Path(args.gsm8k_dir)
-        evals.append((f"gsm8k:{g / 'test_dev.jsonl'}", f"gsm8k-solutions:{g / 'model_solutions_dev.jsonl'}",
-                      "eval-gsm8k"))
-    paths = []
-    rows = ([("base", "base")] if args.with_base else []) + EXPERIMENT_METHODS[:1] + methods
-    for label, mode in rows:
-        model = args.model if mode == "base" else str(root / mode / "final")
-        for spec, crit_spec, name in evals:
-            out = root / mode / f"{name}.json"
-            if not out.exists():
-                say(f"eval {label} on {spec}")
-                run_eval(build_parser().parse_args(
-                    ["--model", model, "--data", spec, "--critique-data", crit_spec,
-                     "--critique-limit", str(limit), "--limit", str(limit), "--label", label, "--out", str(out)]
-                    + _eval_argv(args)))
-                _release_memory()
-            paths.append(str(out))
-        if (root / mode / "metrics.jsonl").is_file():
-            plot_run(root / mode)
-    table = compare_table(paths)
-    (root / "table.md").write_text(table)
-    print(table)
-    say(f"table in {root / 'table.md'}; curves in {root}/*/plots/")
-    return table
+    if not pairs:
+        raise EvalError(f"--make-critique-set: no pairs from {args.data}: the model's samples were all right or all "
+                        "wrong and the data has no program solutions to top up from (use arith data)")
+    critique.save_pairs(args.make_critique_set, pairs)
+    print(f"[eval] critique test set: {len(pairs)} pairs ({n_policy} from {args.model}'s samples, "
+          f"{len(pairs) - n_policy} program-written) -> {args.make_critique_set}")
+    return len(pairs)
 
 
 # ============================================================================ CLI
-
-def _write_json(path, obj):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def _write_jsonl(path, rows):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
 
 def _device(args):
     import torch
@@ -762,13 +685,14 @@ def run_eval(args):
     device = _device(args)
     model, tok = load_model(args.model, args.dtype, device)
     res = evaluate(model, tok, args)
-    config = {k: v for k, v in vars(args).items() if k not in ("compare", "plot", "experiment", "train_args")}
+    config = {k: v for k, v in vars(args).items() if k not in ("compare", "plot", "make_critique_set")}
     config.update(device=device, model_path=resolve_model_path(args.model), time_s=res.pop("time_s"))
     result = dict(model=args.model, data=args.data, critique_data=args.critique_data, label=args.label, **res,
                   config=config)
     print(format_result(result))
     if args.out:
-        _write_json(args.out, result)
+        import data
+        data.write_json(args.out, result)
         print(f"[eval] wrote {args.out}")
     return result
 
@@ -783,7 +707,7 @@ def build_parser():
     a("--split", default="test", help="split for hub specs (gsm8k, hf:NAME without :SPLIT)")
     a("--critique-data", default=None, help="critique SPEC (gsm8k-solutions:PATH.jsonl, jsonl:PATH); default: "
                                             "a balanced set from the model's own --k samples on --data")
-    a("--limit", type=int, default=None, help="questions of --data to evaluate (default 100; --experiment: 50)")
+    a("--limit", type=int, default=None, help="questions of --data to evaluate (default 100)")
     a("--critique-limit", type=int, default=None, help="questions of --critique-data (2 pairs each); default all")
     a("--out", default=None, help="write the result JSON here")
     a("--label", default=None, help="row name in --compare tables (default: the run dir or file name)")
@@ -810,28 +734,9 @@ def build_parser():
     a("--compare", nargs="+", default=None, metavar="RUN_DIR_OR_JSON",
       help="print a paper-style markdown table of eval JSONs (a dir contributes its eval*.json and eval/*.json)")
     a("--plot", default=None, metavar="RUN_DIR", help="plot RUN_DIR/metrics.jsonl into RUN_DIR/plots/")
-    g = p.add_argument_group("--experiment DIR: cold start, then C-RL / G-RL / GC-RL, eval each, the table. CPU-sized "
-                             "defaults; the eval flags above (--limit, default 50 here, --k, ...) apply to every eval")
-    g.add_argument("--experiment", default=None, metavar="DIR", help="run the small-scale comparison into DIR")
-    g.add_argument("--train-limit", type=int, default=256, help="RL training questions (the first N of --data)")
-    g.add_argument("--cold-start-n", type=int, default=128, help="arith questions for the cold-start data "
-                                                                  "(disjoint from the RL questions)")
-    g.add_argument("--cold-start-data", default=None, help="use this {question, response, critique?} jsonl instead")
-    g.add_argument("--sft-steps", type=int, default=48, help="cold-start SFT steps")
-    g.add_argument("--sft-batch", type=int, default=8, help="SFT examples per step")
-    g.add_argument("--sft-lr", type=float, default=2e-5, help="SFT learning rate")
-    g.add_argument("--rl-steps", type=int, default=20, help="steps of each of C-RL, G-RL, GC-RL (paper: ~310)")
-    g.add_argument("--questions", type=int, default=8, help="first-order questions per RL step (paper: 512)")
-    g.add_argument("--rl-lr", type=float, default=5e-6, help="RL learning rate (paper: 1e-6 over ~310 steps)")
-    g.add_argument("--methods", default="c,g,gc", help="comma list of the RL runs to make and compare: c, g, gc")
-    g.add_argument("--with-base", action="store_true", help="also evaluate --model itself (before the cold start)")
-    g.add_argument("--static-pairs", default=None, help="C-RL pair set (jsonl) instead of building it from the "
-                                                        "cold-start model")
-    g.add_argument("--gsm8k-dir", default=None, help="also eval on DIR/test_dev.jsonl + DIR/model_solutions_dev.jsonl "
-                                                     "(e.g. ../shared/data/gsm8k)")
-    g.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
-                   help="everything after this goes to every train.main call, e.g. --train-args --num-generations 5 "
-                        "--beta 1e-3 (see python train.py --help)")
+    a("--make-critique-set", default=None, metavar="OUT.jsonl",
+      help="write experiment.py's balanced critique test set from --model's --k samples on the first --limit "
+           "test questions of --data (arith: program-written top-up), then exit")
     return p
 
 
@@ -839,17 +744,14 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     import data
     errors = (EvalError, data.DataError)
-    if args.experiment:
-        import train
-        errors += (train.ConfigError,)
     try:
         if args.compare:
             print(compare_table(args.compare))
         elif args.plot:
             for path in plot_run(args.plot):
                 print(f"[plot] wrote {path}")
-        elif args.experiment:
-            experiment(args)
+        elif args.make_critique_set:
+            build_critique_test_set(args)
         else:
             run_eval(args)
     except errors as e:

@@ -1,6 +1,7 @@
 """Rewards for GC-RL (arXiv 2602.22765, section 3): pure functions, no model, no state.
 
     extract_answer / is_correct / response_reward   first-order reward, Eq. 1
+    normalize_answer                                an answer as a canonical string, for voting (maj@k)
     extract_verdict / critique_reward               second-order reward, Eq. 2 (+ Eq. 3, 5, 6)
     denoise_bonus                                   self-correction bonus, Eq. 4
     balance                                         the label-balance filter (one right + one wrong per question)
@@ -12,10 +13,10 @@ Decisions (the paper is silent on these):
   by its last box only. `strict=True` (what eval.py should use for paper-style numbers) is boxed-only.
   Data with another convention names its own markers, e.g. `markers=("A:",)` for GSM8K model solutions.
 - Equality. Plain numbers (after removing `$`, `%`, thousands separators, trailing unit words) compare exactly
-  as fractions, without sympy: `\\boxed{1,000}` = `$1,000.00` = `1000`, and `25\\%` = `25`. Words of two or
-  more letters ("Monday", "\\text{even}") compare as case-insensitive strings (math-verify would read them as
-  products of symbols and accept anagrams). Everything else goes to math-verify (gold first), so
-  `\\frac{1}{2}` = `0.5` = `1/2` and `x^2+2x+1` = `(x+1)^2`.
+  as fractions, without sympy: `\\boxed{1,000}` = `$1,000.00` = `1{,}000` = `1,\\! 000` = `1000`, and
+  `25\\%` = `25`. Words of two or more letters ("Monday", "\\text{even}") compare as case-insensitive strings
+  (math-verify would read them as products of symbols and accept anagrams). Everything else goes to
+  math-verify (gold first), so `\\frac{1}{2}` = `0.5` = `1/2` and `x^2+2x+1` = `(x+1)^2`.
 - Time limit. A linear scan finds the braces, answers longer than 300 characters or nested deeper than 8
   braces are wrong, and math-verify runs under one deadline for the whole comparison (default 1 s).
   math-verify 0.9.0's own timeouts (`parse(parsing_timeout=)`, `verify(timeout_seconds=)`) use
@@ -101,12 +102,15 @@ _NUMBER = re.compile(r"([+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[+-]?\.\d+)"  
 _TEXT = re.compile(r"[^\W\d_]{2,}(?:[\s'\-]+[^\W\d_]+)*")  # words of letters, first one 2+ letters
 _PARENS = re.compile(r"\(([^()\[\],]*)\)")
 _WRAP = re.compile(r"^\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}$")
+_SEPARATOR = re.compile(r"(?<=\d)(?:,|\{,\})(?:\s*\\[!,;: ])+\s*(?=\d{3}(?!\d))")  # 32,\! 349  32{,}\, 349
+_FRACTION = re.compile(r"([+-]?)(?:(\d+)\s*/\s*(\d+)|\\[dt]?frac\{(\d+)\}\{(\d+)\})")  # 1/2  -\frac{1}{2}
 _EXPLOSIVE = re.compile(r"(?<!\\)!(?!=)|\^\s*\{[^}]*\^|\^\s*\w+\s*\^|\^\s*\{?\s*\d{5,}")  # n!, towers, 2^{99999}
 
 
 def _norm(s):
     """Light normalisation shared by both sides: money, percent, degrees, LaTeX spacing, wrappers."""
     s = s.strip().replace("\u2212", "-").replace("\u00a0", " ")
+    s = _SEPARATOR.sub(",", s)  # 32,\! 349 (MATH style) is one number, not a list
     s = re.sub(r"\\[$%]|[$%]|\\[!,;: ]|\\(?:left|right)(?![a-zA-Z])|\^\s*\{?\\circ\}?", "", s)
     s = s.replace("{,}", ",").strip().rstrip(".").strip()
     s = re.sub(r"^([+-])\s+", r"\1", s)
@@ -122,6 +126,29 @@ def _norm(s):
 def _number(s):
     m = _NUMBER.fullmatch(s)
     return Fraction(m.group(1).replace(",", "")) if m else None
+
+
+def normalize_answer(ans):
+    """An extracted answer -> its canonical string for majority voting (maj@k), or None for no answer.
+
+    The normalisation `is_correct` uses: plain numbers (units, `$`, `%`, thousands separators dropped) and
+    simple fractions become exact fractions, so `$1,000` = `1000.0` -> "1000", `0.5` = `1/2` = `\\frac{1}{2}`
+    -> "1/2" and `18 dollars` -> "18"; text answers are case-folded (`\\text{Even}` -> "even"); anything else
+    is compared without whitespace. Answers that only math-verify equates (`(x+1)^2`, `x^2+2x+1`) stay apart."""
+    if ans is None:
+        return None
+    s = _norm(str(ans))
+    if not s:
+        return None
+    f = _number(s)
+    m = None if f is not None else _FRACTION.fullmatch(s)
+    if m:
+        num, den = (int(x) for x in (m.group(2, 3) if m.group(2) else m.group(4, 5)))
+        f = Fraction(-num if m.group(1) == "-" else num, den) if den else None
+    if f is not None:
+        return str(f.numerator) if f.denominator == 1 else f"{f.numerator}/{f.denominator}"
+    s = re.sub(r"\s+", "", s)
+    return s.casefold() if _TEXT.fullmatch(s) else s
 
 
 def _has_timer():
@@ -247,7 +274,7 @@ def extract_verdict(text):
     lines = text[hits[-1].end():].split("\n")
     rest = next((ln for ln in lines[1:] if ln.strip()), "") if not lines[0].strip() else lines[0]
     rest = re.split(r"\[\s*END\s*\]", rest, flags=re.IGNORECASE)[0]
-    word = re.sub(r"[\s*_`#'\".!:]+", "", rest).casefold()
+    word = re.sub(r"[\s*_`#'\".!?,;:]+", "", rest).casefold()
     word = re.sub(r"^\\(?:text|textbf|boxed)\{(.*)\}$", r"\1", word)
     return _VERDICTS.get(word)
 

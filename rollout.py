@@ -7,7 +7,7 @@
     # prompt-major: out[0..3] are prompt a's samples, out[4..7] prompt b's
 
 Why not `model.generate`? RL samples many completions of few prompts with the weights the trainer
-updates every step. The `Sampler` runs the decoder itself (DESIGN.md §4):
+updates every step. The `Sampler` runs the decoder itself:
   - it reads the HF module's parameters in place: no copy, no weight sync, nothing to invalidate;
   - the KV cache is one preallocated tensor per K and V, `(L, B, T, Hkv, D)`, with per-row lengths
     (`cache_seqlens`), reused across calls (reallocated only when a call needs more); on CPU that shape
@@ -496,11 +496,13 @@ class Sampler:
 
     @torch.inference_mode()
     def generate(self, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0, stop_ids=None,
-                 seed=None):
+                 seed=None, progress=None):
         """Sample `n` completions of each prompt (lists of token ids). Returns one dict per completion,
         prompt-major: {"prompt_index", "tokens", "logprobs", "length", "truncated"}. `tokens` include the
         stop token when one was sampled; `truncated` = no stop token within max_new_tokens (or the
-        cache's max_len). Rows beyond max_batch run in chunks, whole prompts per chunk where n allows."""
+        cache's max_len). Rows beyond max_batch run in chunks, whole prompts per chunk where n allows.
+        `progress(rows_done, rows_total)`, if given, is called with (0, total) first and after each chunk
+        (for a progress bar; it does not change what is sampled)."""
         if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1 or n < 1:
             raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1, n >= 1")
         for p in prompts:
@@ -515,10 +517,14 @@ class Sampler:
         rows = [(p, j) for p in range(len(prompts)) for j in range(n)]
         per_chunk = (self.max_batch // n) * n if n <= self.max_batch else self.max_batch
         out = []
+        if progress:
+            progress(0, len(rows))
         with self._weights():
             for c in range(0, len(rows), per_chunk):
                 out += self._generate_chunk(prompts, rows[c:c + per_chunk], max_new_tokens, temperature, top_p,
                                             top_k, stop, gen)
+                if progress:
+                    progress(len(out), len(rows))
         return out
 
     def _generate_chunk(self, prompts, rows, max_new, temperature, top_p, top_k, stop, gen):
@@ -602,9 +608,10 @@ class Sampler:
 
 
 def first_order_rollout(sampler, tokenizer, records, n, style="plain", **gen_kwargs):
-    """Sample `n` responses to each record's question (DESIGN.md §2 step 1). One dict per response,
-    question-major: {"q_index", "id", "prompt_ids", "tokens", "logprobs", "text", "truncated", "length"}.
-    `style` names the generation prompt (data.PROMPT_STYLES); stop_ids default to default_stop_ids(tokenizer)."""
+    """Sample `n` responses to each record's question (first-order rollout, the paper's §3 and Figure 2). One
+    dict per response, question-major: {"q_index", "id", "prompt_ids", "tokens", "logprobs", "text", "truncated",
+    "length"}. `style` names the generation prompt (data.PROMPT_STYLES); stop_ids default to
+    default_stop_ids(tokenizer)."""
     from data import gen_prompt
 
     prompts = [gen_prompt(tokenizer, r["question"], style) for r in records]

@@ -7,7 +7,7 @@
     accelerate launch --multi_gpu --num_processes 2 train.py --mode gc ...             # DDP (CPU too: see below)
     python train.py ... --resume auto                                                  # continue the latest checkpoint
 
-One GC-RL step (DESIGN.md section 2; the code below follows it line by line in `Trainer.rl_step`):
+One GC-RL step (arXiv 2602.22765 §3, Figure 2; `Trainer.rl_step` follows it line by line):
   1. draw Q questions; first-order rollout: n responses each (one GRPO group per question)
   2. score responses: R(r) = 1 if the verified answer matches, else 0                            (Eq. 1)
   3. label-balance filter -> one right + one wrong response per mixed question -> the QRCache
@@ -20,6 +20,10 @@ One GC-RL step (DESIGN.md section 2; the code below follows it line by line in `
   7. ONE clipped-ratio loss over responses and critiques together, optional k3 KL to the starting policy
 Modes: gc = all of it; g = steps 1, 2, 6, 7; c = steps 4-7 on a static pair set built once from the starting
 policy (critique.build_static_pairs) or --static-pairs; sft = cross-entropy on {question, response, critique?}.
+The paper's ablations are flags: --pair-filter random (Table 2's "random sampling": two responses per question
+drawn uniformly, no label balance; + --critique-reward reweight: Eq. 3), --pairs static|dynamic for gc and c
+(§5.3: gc on the static set; c on fresh pairs, its responses scored and cached, never trained),
+--critique-reward precision|recall (Eq. 5 / 6, §5.4), --denoise K (Eq. 4, §5.2).
 
 Distributed (Accelerate, DDP): each rank samples its own Q / num_processes questions (whole groups) and
 P / num_processes pairs through its own Sampler over the unwrapped model; the QRCache is per rank (each rank
@@ -33,9 +37,12 @@ that processes x threads <= cores: oversubscribed OpenMP threads slow CPU matmul
 Sampling runs rollout.Sampler over the unwrapped model's own parameters, in eval mode under inference_mode:
 no weight copy or sync, and gradient checkpointing (an HF-forward, training-mode feature) never touches it.
 The trainer recomputes log-probs with the HF forward on fp32 logits; their gap to the sampler's is logged.
+It trains each prompt once per group (--share-prompts, `collate`): [prompt, completion_1, ..., completion_n] in one
+row with position ids restarting after the prompt and a 4-D mask, the same log-probs and gradients as one row
+per sequence with about half the tokens at the demo's shapes; micro-batches (--grad-accum) are cut by tokens.
 
-Deliberately not done: no value model (GRPO), no reward model (rule-based rewards only), no sequence packing,
-no vLLM; refinement tokens (--denoise) are scored, never trained. The weights stay fp32 (master copy); with
+Deliberately not done: no value model (GRPO), no reward model (rule-based rewards only), no packing of
+unrelated sequences into one row, no vLLM; refinement tokens (--denoise) are scored, never trained. The weights stay fp32 (master copy); with
 --mixed-precision bf16 the sampler computes in bf16 too (--sampler-dtype auto), from a bf16 cast of the weights
 made once per generate call.
 """
@@ -144,43 +151,118 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, epsilon=0.2, epsilon_high=Non
 
 class Policy(torch.nn.Module):
     """The HF causal LM plus the trainer's log-prob head: what DDP wraps. forward() returns the fp32
-    log-probs (B, C) of the completion tokens under temperature-scaled logits, and their entropy (B, C).
-    The LM head runs in fp32 outside autocast on the C completion positions only (never on the prompt)."""
+    log-probs (N, C) of the completion tokens under temperature-scaled logits, and their entropy (N, C), one row
+    per sequence of `collate`'s input (0 where `valid` is False). The LM head runs in fp32 outside autocast on
+    the real completion positions only: never on the prompt, never on padding."""
 
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, index, targets, temperature=1.0):
-        # input_ids (B, T) = prompt + completion, right-padded: causal attention never reaches the padding, so
-        # no attention mask is needed and positions are 0..len-1 as in the sampler
-        h = self.lm.model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, D)
-        h = h.gather(1, index[..., None].expand(-1, -1, h.shape[-1]))  # (B, C, D): states predicting targets
+    def forward(self, input_ids, index, targets, valid, temperature=1.0, position_ids=None, attention_mask=None):
+        h = self.lm.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                          use_cache=False).last_hidden_state  # (R, T, D)
+        h = h.reshape(-1, h.shape[-1])[index[valid]]  # (M, D): the states that predict the M real targets
         head = self.lm.get_output_embeddings()
         with torch.autocast(device_type=h.device.type, enabled=False):
             bias = None if head.bias is None else head.bias.float()
-            logits = F.linear(h.float(), head.weight.float(), bias) / temperature  # (B, C, V) fp32
-            lse = torch.logsumexp(logits, -1)  # (B, C)
-            logp = logits.gather(-1, targets[..., None])[..., 0] - lse
+            logits = F.linear(h.float(), head.weight.float(), bias) / temperature  # (M, V) fp32: no padding
+            lse = torch.logsumexp(logits, -1)  # (M,)
+            lp = logits.gather(-1, targets[valid][:, None])[:, 0] - lse
             with torch.no_grad():
-                entropy = lse - (torch.softmax(logits, -1) * logits).sum(-1)
+                ent = lse - (torch.softmax(logits, -1) * logits).sum(-1)
+        logp, entropy = lp.new_zeros(valid.shape), lp.new_zeros(valid.shape)  # (N, C), zero where not valid
+        logp[valid], entropy[valid] = lp, ent
         return logp, entropy
 
 
-def collate(seqs, pad_id, device):
-    """Sequences {prompt_ids, tokens} -> input_ids (B, T), index (B, C), targets (B, C), mask (B, C)."""
-    P = [len(s["prompt_ids"]) for s in seqs]
-    L = [len(s["tokens"]) for s in seqs]
-    T, C = max(p + n for p, n in zip(P, L)), max(max(L), 1)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+def pack(seqs, share=True):
+    """Rows of a packed batch: lists of positions in `seqs`, those with the same prompt in one row (first-seen
+    order); share=False: one sequence per row."""
+    if not share:
+        return [[i] for i in range(len(seqs))]
+    rows = {}
+    for i, s in enumerate(seqs):
+        rows.setdefault(tuple(s["prompt_ids"]), []).append(i)
+    return list(rows.values())
+
+
+def row_length(seqs, row):
+    """Input tokens of a packed row: the prompt once, then each completion but its last token (which only ever
+    is a target)."""
+    return len(seqs[row[0]]["prompt_ids"]) + sum(max(len(seqs[i]["tokens"]) - 1, 0) for i in row)
+
+
+def mask_windows(lm):
+    """How `lm`'s HF forward takes a custom attention mask: {layer type: sliding window or None} for models that
+    read a dict of masks per layer type (Qwen2, Qwen3), else {None: window} for one mask (Llama, Mistral)."""
+    cfg = lm.config
+    if getattr(cfg, "model_type", "") in ("qwen2", "qwen3"):
+        return {t: (cfg.sliding_window if t == "sliding_attention" else None) for t in set(cfg.layer_types)}
+    return {None: getattr(cfg, "sliding_window", None)}
+
+
+def collate(seqs, pad_id, device, share=True, windows=None):
+    """Sequences {prompt_ids, tokens} -> the keyword arguments of Policy.forward, plus `mask` (N, C).
+
+    share=True packs the sequences that share a prompt (a GRPO group) into one row
+        [prompt, c_1[:-1], c_2[:-1], ...]   with position ids 0..P-1, then P, P+1, ... again for every c_i,
+    and a 4-D attention mask in which every completion sees the prompt and its own earlier tokens only: the
+    same log-probs and gradients as one row per sequence, with the prompt computed once. The first target of
+    every completion is predicted from the prompt's last position. Rows are right-padded; a padded position
+    attends to itself only. Rows holding one sequence each need no mask (plain causal attention).
+    Output row n of index / targets / mask is seqs[n], whatever the packing. windows: mask_windows(lm)."""
+    rows = pack(seqs, share)
+    R, T = len(rows), max(row_length(seqs, r) for r in rows)
+    C = max(max(len(s["tokens"]) for s in seqs), 1)
+    ids = torch.full((R, T), pad_id, dtype=torch.long)
+    pos = torch.zeros((R, T), dtype=torch.long)
+    seg = torch.full((R, T), -2, dtype=torch.long)  # -1 prompt, k >= 0 the row's k-th completion, -2 padding
+    index = torch.zeros((len(seqs), C), dtype=torch.long)
     targets = torch.zeros((len(seqs), C), dtype=torch.long)
     mask = torch.zeros((len(seqs), C))
-    for i, s in enumerate(seqs):
-        ids[i, :P[i] + L[i]] = torch.tensor(list(s["prompt_ids"]) + list(s["tokens"]))
-        targets[i, :L[i]] = torch.tensor(s["tokens"], dtype=torch.long)
-        mask[i, :L[i]] = 1
-    index = (torch.tensor(P)[:, None] - 1 + torch.arange(C)[None, :]).clamp(max=T - 1)
-    return ids.to(device), index.to(device), targets.to(device), mask.to(device)
+    for r, row in enumerate(rows):
+        prompt = list(seqs[row[0]]["prompt_ids"])
+        P = len(prompt)
+        ids[r, :P], pos[r, :P], seg[r, :P] = torch.tensor(prompt), torch.arange(P), -1
+        off = P
+        for k, i in enumerate(row):
+            tok = list(seqs[i]["tokens"])
+            L = len(tok)
+            if L == 0:
+                continue
+            body = L - 1
+            ids[r, off:off + body] = torch.tensor(tok[:-1], dtype=torch.long)
+            pos[r, off:off + body], seg[r, off:off + body] = P + torch.arange(body), k
+            index[i, :L] = r * T + torch.tensor([P - 1] + list(range(off, off + body)))
+            targets[i, :L], mask[i, :L] = torch.tensor(tok, dtype=torch.long), 1
+            off += body
+    attn = None
+    if any(len(row) > 1 for row in rows):
+        q, kk = seg[:, :, None], seg[:, None, :]  # (R, T, 1), (R, 1, T)
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        allowed = causal & (kk != -2) & ((kk == -1) | (kk == q))
+        allowed |= torch.eye(T, dtype=torch.bool) & (q == -2)  # padding: itself (a query with no key gives NaN)
+        dist = pos[:, :, None] - pos[:, None, :]  # (R, T, T) query position - key position
+
+        def windowed(w):  # HF semantics: key j visible from query i iff i - j < window
+            return (allowed if w is None else allowed & (dist < w))[:, None].to(device)  # (R, 1, T, T)
+        windows = windows or {None: None}
+        attn = windowed(windows[None]) if None in windows else {t: windowed(w) for t, w in windows.items()}
+    return dict(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=attn, index=index.to(device),
+                targets=targets.to(device), valid=mask.bool().to(device)), mask.to(device)
+
+
+def _stack(seqs, key, like):
+    """(N, C) like `like`: each sequence's per-token values under `key` (old / ref / sampler log-probs),
+    zero-padded to C; a dummy batch (no sequences) gives `like` detached."""
+    if not seqs:
+        return like.detach()
+    out = torch.zeros_like(like)
+    for n, s in enumerate(seqs):
+        v = torch.as_tensor(s[key], dtype=like.dtype)[:like.shape[1]]
+        out[n, :len(v)] = v.to(like.device)
+    return out
 
 
 # ============================================================================ small helpers
@@ -222,7 +304,7 @@ class Stream:
 class Metrics(dict):
     """key -> [sum, count]. add(key, total, count): a mean over items, reduced exactly across ranks by
     summing numerators and denominators. Keys in SUM_KEYS report the global sum instead of a mean."""
-    SUM_KEYS = ("cache/size", "tokens_per_s", "loss", "update/seqs")
+    SUM_KEYS = ("cache/size", "tokens_per_s", "loss", "update/seqs", "update/tokens")
 
     def add(self, key, total, count=1):
         if count:
@@ -261,13 +343,6 @@ def peak_memory(device):
     return out
 
 
-def write_json_atomic(path, obj):
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def _truncate_jsonl(path, last_step):
     """Keep only rows with step <= last_step (a resumed run rewrites what came after its checkpoint; a line
     cut short by a kill is dropped too)."""
@@ -302,9 +377,7 @@ def load_sft_rows(spec, tokenizer, prompt_style="plain", max_len=None):
         if not isinstance(row, dict):
             raise data.DataError(f"{where}: expected a JSON object")
         for key in ("question", "response"):
-            if not isinstance(row.get(key), str) or not row[key].strip():
-                raise data.DataError(f"{where}: missing or empty {key!r} (sft rows are {{question, response, "
-                                     f"critique?}})")
+            data.require_field(row, key, f"{where} (sft rows are {{question, response, critique?}})")
         crit = row.get("critique")
         if crit is not None and (not isinstance(crit, str) or not crit.strip()):
             raise data.DataError(f"{where}: 'critique' must be a non-empty string when present")
@@ -373,13 +446,25 @@ class Trainer:
         sdt = {"fp32": torch.float32, "bf16": torch.bfloat16,
                "auto": torch.bfloat16 if a.mixed_precision == "bf16" else None}[a.sampler_dtype]
         self.sampler = rollout.Sampler(self.lm(), max_batch=a.sampler_batch, max_len=a.max_seq_len, dtype=sdt)
+        # shared-prompt packing needs an attention that takes a custom 4-D mask (HF's sdpa / eager; not
+        # flash_attention_2, whose varlen path would need per-completion sequence boundaries instead)
+        impl = getattr(lm.config, "_attn_implementation", "sdpa")
+        self.share_prompts = a.share_prompts and impl in ("sdpa", "eager")
+        if a.share_prompts and not self.share_prompts:
+            acc.print(f"[gcrl] --share-prompts: attn_implementation {impl!r} takes no 4-D mask; training one row per "
+                      f"sequence (load the model with attn_implementation='sdpa' to pack groups)")
+        self.windows = mask_windows(lm)
         self.stop_ids = rollout.default_stop_ids(self.tok)
         self.temperature = a.temperature if a.temperature > 0 else 1.0  # greedy sampling: log-probs at T=1
 
         # data and state
         self.step = 0
         self.records, self.examples, self.static_pairs = None, None, None
-        self.cache = critique.QRCache(capacity=a.cache_capacity, seed=seed_for(a.seed, "cache", self.rank))
+        # critique pairs: dynamic = the policy's own fresh responses through the filter and the cache (gc default);
+        # static = a set built once from the starting policy (c default; the paper's static-vs-dynamic ablation)
+        self.pairs = a.pairs or {"gc": "dynamic", "c": "static"}.get(a.mode)
+        self.cache = critique.QRCache(capacity=a.cache_capacity, seed=seed_for(a.seed, "cache", self.rank),
+                                      balanced=a.pair_filter == "balance")
         self.acc_ema = None  # running first-order accuracy E[R(r)] (Eq. 3)
         if a.mode == "sft":
             self.examples = load_sft_rows(a.data, self.tok, a.prompt_style,
@@ -403,11 +488,17 @@ class Trainer:
         if a.questions_per_step % W:
             raise ConfigError(f"--questions-per-step {a.questions_per_step} must be divisible by the number of "
                               f"processes ({W}): each rank samples whole groups of its own questions")
+        if a.pairs and a.mode not in ("gc", "c"):
+            raise ConfigError(f"--pairs {a.pairs} is for --mode gc / c (--mode {a.mode} critiques nothing)")
+        if a.pair_filter != "balance" and (a.mode not in ("gc", "c") or (a.pairs or ("dynamic" if a.mode == "gc" else
+                                                                                      "static")) != "dynamic"):
+            raise ConfigError(f"--pair-filter {a.pair_filter} filters the dynamic pairs of --mode gc / c "
+                              f"(with --pairs dynamic); the static set is always balanced")
         if a.mode in ("gc", "c") and a.pairs_per_step % W:
             raise ConfigError(f"--pairs-per-step {a.pairs_per_step} must be divisible by the number of processes ({W})")
 
     def setup_static_pairs(self):
-        """C-RL: the static pair set: --static-pairs, else OUT/static_pairs.jsonl (a resumed run), else built
+        """Static pairs (C-RL; GC-RL with --pairs static): the set: --static-pairs, else OUT/static_pairs.jsonl (a resumed run), else built
         once from the starting policy (each rank samples a share of the questions) and saved there."""
         a, acc = self.args, self.acc
         saved = self.out / "static_pairs.jsonl"
@@ -468,21 +559,19 @@ class Trainer:
         gen_tokens = 0
         self.lm().eval()  # sampling: eval mode, no grad (the Sampler runs under inference_mode)
 
-        if a.mode in ("g", "gc"):
+        if a.mode in ("g", "gc") or self.pairs == "dynamic":
             # 1. first-order rollout on this rank's questions (whole groups)
-            q_local = a.questions_per_step // self.world
-            idx = self.stream.take(a.questions_per_step)[self.rank * q_local:(self.rank + 1) * q_local]
-            recs = [self.records[i] for i in idx]
+            recs = [self.records[i] for i in self.my_share(self.stream.take(a.questions_per_step))]
             t0 = time.perf_counter()
             samples = rollout.first_order_rollout(self.sampler, self.tok, recs, a.num_generations,
                                                   seed=seed_for(a.seed, step, self.rank, "rollout1"),
                                                   **self.gen_kwargs())
             m.add("time/rollout1", time.perf_counter() - t0)
-            # 2. Eq. 1 rewards
+            # 2. Eq. 1 rewards; the responses are trained in g / gc only (c + dynamic pairs: scored and cached only)
             t0 = time.perf_counter()
             rewards = [reward.response_reward(s["text"], recs[s["q_index"]]["answer"]) for s in samples]
-            for s, r in zip(samples, rewards):
-                seqs.append(dict(s, reward=r, group=("q", s["q_index"]), kind="response"))
+            if a.mode in ("g", "gc"):
+                seqs += [dict(s, reward=r, group=("q", s["q_index"]), kind="response") for s, r in zip(samples, rewards)]
             m.mean_of("reward/response", rewards)
             m.mean_of("acc/response", [r > 0.5 for r in rewards])
             m.mean_of("len/response", [s["length"] for s in samples])
@@ -491,25 +580,25 @@ class Trainer:
             n_right, n_all = self.all_sum([sum(r > 0.5 for r in rewards), len(rewards)])
             batch_acc = n_right / max(n_all, 1)
             self.acc_ema = batch_acc if self.acc_ema is None else a.acc_ema * self.acc_ema + (1 - a.acc_ema) * batch_acc
-            # 3. balance filter -> cache (gc only: C-RL uses its static set, G-RL no pairs)
-            if a.mode == "gc":
+            m.add("acc/response_ema", self.acc_ema)  # E[R(r)] of Eq. 3 (the same on every rank)
+            # 3. label-balance filter (or --pair-filter random) -> cache (dynamic pairs only)
+            if self.pairs == "dynamic":
                 rng = random.Random(seed_for(a.seed, step, self.rank, "balance"))
-                self.cache.push(critique.pairs_from_rollout(samples, recs, rewards, rng))
+                self.cache.push(critique.pairs_from_rollout(samples, recs, rewards, rng, a.pair_filter))
             m.add("time/score", time.perf_counter() - t0)
             self._dump(step, [dict(kind="response", prompt=s["prompt_ids"], text=s["text"], reward=r,
                                    answer=recs[s["q_index"]]["answer"]) for s, r in zip(samples[:a.log_samples], rewards)])
 
         if a.mode in ("gc", "c"):
-            # 4. pairs: popped from the cache (gc) or the next of the static set (c)
-            p_local = a.pairs_per_step // self.world
-            if a.mode == "gc":
-                pairs = self.cache.pop(p_local)
+            # 4. pairs: popped from the cache (dynamic) or the next of the static set (static)
+            if self.pairs == "dynamic":
+                pairs = self.cache.pop(a.pairs_per_step // self.world)
                 m.add("cache/size", len(self.cache))
                 p_correct = self.acc_ema
             else:
-                pidx = self.pair_stream.take(a.pairs_per_step)[self.rank * p_local:(self.rank + 1) * p_local]
-                pairs = [self.static_pairs[i] for i in pidx]
+                pairs = [self.static_pairs[i] for i in self.my_share(self.pair_stream.take(a.pairs_per_step))]
                 p_correct = sum(p["label"] for p in self.static_pairs) / len(self.static_pairs)
+            m.mean_of("pairs/right_frac", [bool(p["label"]) for p in pairs])  # label share of the critiqued pairs
             if pairs:
                 # 4-5. second-order rollout, scored inside (Eq. 2-6; the Eq. 4 bonus is included in "reward")
                 t0 = time.perf_counter()
@@ -518,8 +607,7 @@ class Trainer:
                     p_correct=p_correct, k_ref=a.denoise, template=a.critique_template,
                     seed=seed_for(a.seed, step, self.rank, "rollout2"), **self.gen_kwargs(critique_turn=True))
                 m.add("time/rollout2", time.perf_counter() - t0)
-                for c in crits:
-                    seqs.append(dict(c, group=("p", c["pair_index"]), kind="critique"))
+                seqs += [dict(c, group=("p", c["pair_index"]), kind="critique") for c in crits]
                 self._critique_metrics(m, crits)
                 gen_tokens += sum(c["length"] for c in crits)
                 self._dump(step, [dict(kind="critique", prompt=c["prompt_ids"], text=c["text"], verdict=c["verdict"],
@@ -533,6 +621,11 @@ class Trainer:
         m.add("time/step", dt)
         m.add("tokens_per_s", gen_tokens / dt)  # generated tokens per second of the whole step (summed over ranks)
         return m
+
+    def my_share(self, items):
+        """This rank's contiguous share of a list drawn for all ranks (whole groups: questions, pairs)."""
+        k = len(items) // self.world
+        return items[self.rank * k:(self.rank + 1) * k]
 
     @staticmethod
     def _critique_metrics(m, crits):
@@ -569,8 +662,8 @@ class Trainer:
 
     def update(self, seqs, m):
         """Steps 6-7: advantages, then --ppo-epochs passes over the loss batch in mini-batches of
-        --mini-batch-size sequences (one optimizer update each), each split into --grad-accum micro-batches."""
-        a, acc, W, G = self.args, self.acc, self.world, self.args.grad_accum
+        --mini-batch-size sequences (one optimizer update each), each cut into --grad-accum micro-batches."""
+        a, acc, W = self.args, self.acc, self.world
         adv, zero = self.advantages(seqs, m)
         keep = [i for i, s in enumerate(seqs) if not zero[i] and not (a.mask_truncated and s["truncated"])]
         counts = torch.tensor([len(keep)], device=acc.device)
@@ -583,62 +676,44 @@ class Trainer:
         mb = a.mini_batch_size or max_local
         n_mb = math.ceil(max_local / mb)  # the same on every rank (DDP needs the same number of updates)
         single = a.ppo_epochs == 1 and n_mb == 1  # one update on fresh samples: old log-probs = detached current
-        old = ref = None
-        dev = acc.device
-        if not single or self.ref is not None:
-            with torch.no_grad(), acc.autocast():
-                if not single:  # the trainer's own log-probs before any update: pi_old of the ratio
-                    old = self._logprobs(acc.unwrap_model(self.model), [seqs[i] for i in keep])
-                if self.ref is not None:
-                    ref = self._logprobs(self.ref, [seqs[i] for i in keep])
-        pos = {i: j for j, i in enumerate(keep)}  # sequence index -> row in old / ref
+        batch = [dict(seqs[i], adv=float(adv[i])) for i in keep]  # the loss batch: sequences with their advantage
+        with torch.no_grad(), acc.autocast():  # pi_old (the trainer's own, before any update) and pi_ref
+            for key, policy in (("old", None if single else acc.unwrap_model(self.model)), ("ref", self.ref)):
+                for s, lp in zip(batch, self._logprobs(policy, batch) if policy is not None else []):
+                    s[key] = lp
         self.model.train()
         gap, losses, norms = [0.0, 0.0], [], []
         for epoch in range(a.ppo_epochs):
-            order = list(keep)
+            order = list(range(len(batch)))
             if n_mb > 1:
                 random.Random(seed_for(a.seed, self.step + 1, self.rank, "minibatch", epoch)).shuffle(order)
-            chunks = [order[k * mb:(k + 1) * mb] for k in range(n_mb)]
+            chunks = [[batch[i] for i in order[k * mb:(k + 1) * mb]] for k in range(n_mb)]
             # global normalisers of each mini-batch: tokens and sequences, summed over ranks
-            cnt = self.all_sum([[sum(seqs[i]["length"] for i in c), len(c)] for c in chunks])
-            for k, chunk in enumerate(chunks):
-                n_tok, n_seq = cnt[k]
+            cnt = self.all_sum([[sum(s["length"] for s in c), len(c)] for c in chunks])
+            for chunk, (n_tok, n_seq) in zip(chunks, cnt):
                 step_loss = 0.0
-                # exactly G micro-batches (some maybe empty) of similar lengths, so little padding: the
-                # chunk sorted by sequence length and cut into G runs
-                srt = sorted(chunk, key=lambda i: len(seqs[i]["prompt_ids"]) + len(seqs[i]["tokens"]))
-                for micro in (srt[j * len(srt) // G:(j + 1) * len(srt) // G] for j in range(G)):
-                    dummy = not micro
-                    rows = [seqs[i] for i in micro] if micro else [seqs[0]]  # an empty share still joins DDP
+                for micro in self.micro_batches(chunk):
                     with acc.accumulate(self.model):
-                        ids, index, targets, mask = collate(rows, self.pad_id, dev)
-                        if dummy:
-                            mask = mask * 0
-                        logp, ent = self.model(ids, index, targets, self.temperature)
-                        C = logp.shape[1]
-                        if single:
-                            old_lp = logp.detach()
-                        else:
-                            old_lp = torch.stack([old[pos[i]][:C] for i in micro]) if micro else logp.detach()
-                        ref_lp = None
-                        if ref is not None:
-                            ref_lp = torch.stack([ref[pos[i]][:C] for i in micro]) if micro else logp.detach()
-                        adv_mb = adv[micro].to(dev) if micro else torch.zeros(1, device=dev)
+                        inputs, mask = self.collate(micro)
+                        if micro and epoch == 0:  # input tokens of the forward passes, padding included
+                            m.add("update/tokens", inputs["input_ids"].numel())
+                        logp, ent = self.model(**inputs, temperature=self.temperature)
+                        old_lp = _stack(micro, "old", logp) if not single else logp.detach()
+                        ref_lp = _stack(micro, "ref", logp) if self.ref is not None else None
+                        adv_mb = torch.tensor([s["adv"] for s in micro] or [0.0], device=acc.device)
                         loss, st = grpo_loss(logp, old_lp, ref_lp, adv_mb, mask, a.epsilon, a.epsilon_high, a.beta,
                                              a.loss_type, self.max_len_norm, n_tok, n_seq)
                         # DDP averages gradients over ranks and accelerator.backward divides by G: undo both, so
                         # the gradient is that of the globally normalised loss
-                        acc.backward(loss * W * G)
+                        acc.backward(loss * W * a.grad_accum)
                         step_loss += float(loss.detach())
-                        if not dummy:
+                        if micro:
                             m.add("clip_ratio", st["clipped"], int(st["tokens"]))
                             if a.beta:
                                 m.add("kl", st["kl"], int(st["tokens"]))
                             if epoch == 0:
                                 m.add("entropy", float((ent * mask).sum()), int(st["tokens"]))
-                                sampler_lp = torch.zeros_like(mask)
-                                for r, s in enumerate(rows):
-                                    sampler_lp[r, :len(s["logprobs"])] = torch.tensor(s["logprobs"])
+                                sampler_lp = _stack(micro, "logprobs", logp)
                                 gap[0] += float(((sampler_lp - old_lp).abs() * mask).sum())
                                 gap[1] += float(mask.sum())
                         if acc.sync_gradients:
@@ -656,22 +731,48 @@ class Trainer:
         """Dr. GRPO's constant normaliser: the longest completion the sampler may produce."""
         return max(self.args.max_completion_length, self.args.max_critique_length)
 
+    def collate(self, seqs):
+        """Policy.forward's inputs and the target mask for `seqs`; an empty list (a rank with nothing to learn
+        this micro-batch, which must still join DDP's collectives) becomes one zero-weight dummy row."""
+        if not seqs:
+            inputs, mask = collate([dict(prompt_ids=[self.pad_id], tokens=[self.pad_id])], self.pad_id, self.acc.device)
+            return inputs, mask * 0
+        return collate(seqs, self.pad_id, self.acc.device, self.share_prompts, self.windows)
+
+    def micro_batches(self, seqs):
+        """Exactly --grad-accum micro-batches (some maybe empty: every rank makes the same number of backward
+        calls) of similar token counts: the packed rows (a group never split) sorted by length and cut into runs
+        of about equal tokens, so each holds a share of the activations and little padding."""
+        G = self.args.grad_accum
+        rows = sorted(pack(seqs, self.share_prompts), key=lambda r: row_length(seqs, r))
+        sizes = [row_length(seqs, r) for r in rows]
+        total, out, run, acc_tok = sum(sizes), [[] for _ in range(G)], 0, 0
+        for row, n in zip(rows, sizes):
+            # a row goes to the run its middle token falls in
+            run = min(G - 1, int((acc_tok + n / 2) * G / max(total, 1)))
+            out[run] += [seqs[i] for i in row]
+            acc_tok += n
+        return out
+
     def _logprobs(self, policy, seqs):
-        """Per-sequence log-probs of `policy` (no grad; the caller sets autocast) in batches of --logprob-batch
-        rows: a list of (C,) tensors, zero-padded to the longest completion."""
-        out, bs = [], max(1, self.args.logprob_batch)
-        for j in range(0, len(seqs), bs):
-            rows = seqs[j:j + bs]
-            ids, index, targets, mask = collate(rows, self.pad_id, self.acc.device)
-            logp, _ = policy(ids, index, targets, self.temperature)
-            out += [logp[r] for r in range(len(rows))]
-        C = max(lp.shape[0] for lp in out)
-        return [F.pad(lp, (0, C - lp.shape[0])) for lp in out]
+        """Per-sequence log-probs of `policy` (no grad; the caller sets autocast), packed rows of up to
+        --logprob-batch sequences per forward: a list of (len(tokens),) tensors."""
+        out, bs, piece = [], max(1, self.args.logprob_batch), []
+        rows = pack(seqs, self.share_prompts)
+        for r, row in enumerate(rows):
+            piece += [seqs[i] for i in row]
+            if r + 1 == len(rows) or len(piece) + len(rows[r + 1]) > bs:
+                inputs, _ = self.collate(piece)
+                logp, _ = policy(**inputs, temperature=self.temperature)
+                out += [(s, logp[n, :len(s["tokens"])]) for n, s in enumerate(piece)]
+                piece = []
+        by_id = {id(s): lp for s, lp in out}
+        return [by_id[id(s)] for s in seqs]
 
     # -- one SFT step
     def sft_step(self):
         """Cross-entropy (token-mean over the global batch) on the next --questions-per-step examples."""
-        a, acc, W, G = self.args, self.acc, self.world, self.args.grad_accum
+        a, acc, W = self.args, self.acc, self.world
         m, t_step = Metrics(), time.perf_counter()
         q_local = a.questions_per_step // W
         idx = self.stream.take(a.questions_per_step)[self.rank * q_local:(self.rank + 1) * q_local]
@@ -680,14 +781,12 @@ class Trainer:
         m.add("lr", self.set_lr())
         self.model.train()
         total = 0.0
-        for micro in (rows[j::G] for j in range(G)):
+        for micro in self.micro_batches(rows):
             with acc.accumulate(self.model):
-                ids, index, targets, mask = collate(micro or rows[:1], self.pad_id, acc.device)
-                if not micro:
-                    mask = mask * 0
-                logp, ent = self.model(ids, index, targets, 1.0)
+                inputs, mask = self.collate(micro)
+                logp, ent = self.model(**inputs, temperature=1.0)
                 loss = -(logp * mask).sum() / n_tok
-                acc.backward(loss * W * G)
+                acc.backward(loss * W * a.grad_accum)
                 total += float(loss.detach())
                 m.add("entropy", float((ent * mask).sum()), int(mask.sum()))
                 if acc.sync_gradients:
@@ -750,7 +849,7 @@ class Trainer:
             state = dict(step=self.step, mode=a.mode, seed=a.seed, num_processes=self.world,
                          data=self.stream.state(), pairs=self.pair_stream.state() if self.pair_stream else None,
                          acc_ema=self.acc_ema, ranks=ranks)
-            write_json_atomic(tmp / "trainer_state.json", state)
+            data.write_json(tmp / "trainer_state.json", state)
             if ck.exists():
                 shutil.rmtree(ck)
             os.replace(tmp, ck)
@@ -837,13 +936,22 @@ def build_parser():
                         "accuracy; precision: Eq. 5 (0.6 / 0.8); recall: Eq. 6 (0.8 / 0.6)")
     g.add_argument("--denoise", type=int, default=0, metavar="K_REF",
                    help="Eq. 4: K_REF self-corrections per critique, bonus 0.1 k/K ('right') or 0.7 k/K ('wrong')")
+    g.add_argument("--pairs", choices=("dynamic", "static"), default=None,
+                   help="critique pairs: dynamic = this run's fresh responses through --pair-filter and the cache "
+                        "(--mode c: responses are scored and cached, never trained); static = a balanced set built "
+                        "once from the starting policy (--static-k responses per question). Default: gc dynamic, "
+                        "c static (the paper's C-RL)")
+    g.add_argument("--pair-filter", choices=critique.PAIR_FILTERS, default="balance",
+                   help="dynamic pairs: balance = drop all-right / all-wrong questions, keep one right + one wrong "
+                        "(the paper's filter); random = two responses per question drawn uniformly (Table 2's "
+                        "random sampling; with --critique-reward reweight its middle row)")
     g.add_argument("--cache-capacity", type=int, default=4096, help="QRCache size per process (oldest pairs evicted)")
     g.add_argument("--critique-template", default=None, help="critique prompt: a name in critique.CRITIQUE_TEMPLATES "
                                                              "or a format string with {question} and {response}")
-    g.add_argument("--static-pairs", default=None, help="--mode c: pairs jsonl {question, response, label} "
+    g.add_argument("--static-pairs", default=None, help="static pairs: jsonl {question, response, label} "
                                                         "(or jsonl:PATH / gsm8k-solutions:PATH) instead of building them")
-    g.add_argument("--static-k", type=int, default=10, help="--mode c: responses per question when building pairs")
-    g.add_argument("--static-questions", type=int, default=0, help="--mode c: questions used to build pairs (0 = all)")
+    g.add_argument("--static-k", type=int, default=10, help="static pairs: responses per question when building them")
+    g.add_argument("--static-questions", type=int, default=0, help="static pairs: questions used to build them (0 = all)")
     g.add_argument("--acc-ema", type=float, default=0.9, help="decay of the running first-order accuracy E[R(r)]")
     g = p.add_argument_group("GRPO loss")
     g.add_argument("--group-mode", choices=("per-prompt", "shared"), default="per-prompt",
@@ -874,7 +982,10 @@ def build_parser():
                    help="sequences per optimizer update per process (0: the whole rollout, one update per pass)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update (forward/backward pieces of similar "
                    "length): divides the update's activation memory, same update")
-    g.add_argument("--logprob-batch", type=int, default=16, help="rows per no-grad old / reference log-prob pass")
+    g.add_argument("--logprob-batch", type=int, default=16, help="sequences per no-grad old / reference log-prob pass")
+    g.add_argument("--share-prompts", type=_flag, default=True, metavar="{true,false}",
+                   help="train each prompt once per group: [prompt, completion_1, ..., completion_n] in one row with a "
+                        "4-D mask (same loss and gradients, about half the tokens); false: one row per sequence")
     g.add_argument("--mixed-precision", choices=("no", "bf16"), default="no",
                    help="bf16 autocast for the trainer's forward/backward (CPU and GPU)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
@@ -911,12 +1022,12 @@ def main(argv=None):
             raise ConfigError(f"{flag} must be >= 1, got {v}")
     if args.mode in ("g", "gc") and args.num_generations < 2 and args.group_mode == "per-prompt":
         raise ConfigError("--num-generations must be >= 2 for per-prompt GRPO groups (or use --group-mode shared)")
-    if args.static_pairs and args.mode != "c":
-        raise ConfigError("--static-pairs is for --mode c only (GC-RL builds its pairs from its own rollouts)")
+    if args.static_pairs and (args.mode, args.pairs) not in (("c", None), ("c", "static"), ("gc", "static")):
+        raise ConfigError("--static-pairs is for static pairs only (--mode c, or --mode gc --pairs static)")
 
     tr = Trainer(args)
     acc, out = tr.acc, tr.out
-    if args.mode == "c":
+    if tr.pairs == "static":
         tr.setup_static_pairs()
     resume = args.resume
     if resume == "auto":
@@ -937,7 +1048,7 @@ def main(argv=None):
             for f in ("metrics.jsonl", "samples.jsonl"):
                 (out / f).unlink(missing_ok=True)
         cfg = dict(vars(args), num_processes=tr.world, device=str(acc.device), torch=torch.__version__)
-        write_json_atomic(out / "train_config.json", cfg)  # not config.json: that name marks an HF model dir
+        data.write_json(out / "train_config.json", cfg)  # not config.json: that name marks an HF model dir
     if args.report_to != "none":
         acc.init_trackers("gcrl", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
 

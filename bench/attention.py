@@ -1,4 +1,4 @@
-"""Decode-attention benchmark (issue 3): why the Sampler's CPU attention is what it is.
+"""Decode-attention benchmark: why the Sampler's CPU attention is what it is.
 
     python bench/attention.py          # both parts, fp32 and bf16
 

@@ -1,4 +1,4 @@
-"""Sampler benchmark (issue 3): our Sampler vs HF `model.generate`, and both vs the decode ceiling.
+"""Sampler benchmark: our Sampler vs HF `model.generate`, and both vs the decode ceiling.
 
     python bench/sampler.py                 # fp32 and bf16, 3 runs each
     python bench/sampler.py --quick         # 1 run, 32 new tokens: a smoke test

@@ -1,9 +1,9 @@
-"""Training benchmark (issue 6): the trainer's forward+backward throughput and MFU, and where a GC-RL step's
-time goes.
+"""Training benchmark: the trainer's forward+backward throughput and MFU, and where a GC-RL step's time goes.
 
     python bench/train.py                  # throughput fp32 + bf16 (5 runs each), then 3 GC-RL steps
     python bench/train.py --quick          # smoke test: 1 run, 8 x (prompt + 16) tokens, 1 short GC-RL step
     python bench/train.py --skip-phases    # throughput only
+    python bench/train.py --packing --phase-model runs/experiment/sft/final   # --share-prompts A/B (section 3)
 
 1. Throughput. The trainer's own loss path: train.collate -> train.Policy (HF forward, fp32 LM head on the
    completion positions only) -> train.grpo_loss (token-mean, one update on fresh samples) -> backward, on
@@ -108,7 +108,7 @@ def throughput(args):
     g = torch.Generator().manual_seed(0)
     seqs = [dict(prompt_ids=data.gen_prompt(tok, r["question"]),
                  tokens=torch.randint(0, lm.config.vocab_size, (args.completion,), generator=g).tolist()) for r in recs]
-    ids, index, targets, mask = train.collate(seqs, tok.pad_token_id, "cpu")
+    inputs, mask = train.collate(seqs, tok.pad_token_id, "cpu")  # distinct prompts: one row each, no packing
     adv = torch.randn(len(seqs), generator=g)
     plens = [len(s["prompt_ids"]) for s in seqs]
     tokens = sum(plens) + len(seqs) * args.completion
@@ -116,7 +116,7 @@ def throughput(args):
 
     def fwd_bwd(bf16):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logp, _ = policy(ids, index, targets)
+            logp, _ = policy(**inputs)
             loss, _ = train.grpo_loss(logp, logp.detach(), None, adv, mask)  # token-mean, ratio 1 (fresh samples)
         loss.backward()
 
@@ -192,6 +192,89 @@ def phases(args):
                 peak_rss_mib_phases=json.loads((PHASE_OUT / "peak.json").read_text())["peak_rss_mib"])
 
 
+# ----------------------------------------------------------------------------- 3. shared-prompt packing A/B
+
+PACK_OUT = ROOT / "runs" / "bench" / "packing"
+DEMO_GC = ["--mode", "gc", "--data", "arith:1", "--limit", "256", "--seed", "0", "--questions-per-step", "4",
+           "--lr", "5e-6", "--mixed-precision", "bf16", "--num-generations", "4", "--pairs-per-step", "4",
+           "--critiques-per-pair", "4", "--max-completion-length", "96", "--max-critique-length", "128",
+           "--grad-accum", "4", "--log-every", "0"]  # the demo's GC-RL step (Makefile CPU_TRAIN)
+
+
+def packing(args):
+    """Record a real GC-RL step of the demo's shapes (the fullest of the first 3 steps from the cold start), then
+    time the trainer's update on exactly those sequences with --share-prompts true and false, each in its own
+    process (its own memory peak), alternating true / false / false / true, --pack-updates timed updates per
+    process after one warm-up. The whole step = the recorded step's rollout + scoring time + the update."""
+    model = args.phase_model
+    if model is None:
+        from vs_trl import cold_start
+        model = cold_start(quick=args.quick)
+    argv = DEMO_GC + ["--model", model, "--out", str(PACK_OUT / "record"), "--max-steps", "3"]
+    if args.quick:
+        argv += ["--max-completion-length", "48", "--max-critique-length", "48"]
+    print("[packing] recording: train.py " + " ".join(argv), file=sys.stderr, flush=True)
+    tr = train.Trainer(train.build_parser().parse_args(argv))
+    best, real_update = None, tr.update
+    for _ in range(3):
+        got = {}
+        tr.update = lambda seqs, m: (got.setdefault("seqs", seqs), real_update(seqs, m))
+        m = tr.rl_step().reduce(tr.acc)
+        tr.step += 1
+        rollout_s = sum(m.get(k, 0.0) for k in ("time/rollout1", "time/rollout2", "time/score"))
+        if best is None or m.get("update/seqs", 0) > best[3]:  # the most sequences in the loss
+            best = (got["seqs"], rollout_s, tr.step, m.get("update/seqs", 0))
+    seqs, rollout_s, step, trained = best
+    PACK_OUT.mkdir(parents=True, exist_ok=True)
+    keep = ("prompt_ids", "tokens", "logprobs", "reward", "group", "truncated", "kind", "length")
+    (PACK_OUT / "seqs.json").write_text(json.dumps([{k: s[k] for k in keep} for s in seqs]))
+    del tr
+    runs = {"true": [], "false": []}
+    for share in ("true", "false", "false", "true")[:2 if args.quick else 4]:
+        cmd = [sys.executable, __file__, "--packing-worker", json.dumps(argv + ["--share-prompts", share]),
+               "--pack-updates", str(1 if args.quick else args.pack_updates)]
+        res = json.loads(subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True).stdout.splitlines()[-1])
+        print(f"[packing] share-prompts {share}: update {res['update_s']} s, {res['tokens']} tokens, "
+              f"peak {res['peak_rss_mib']} MiB", file=sys.stderr, flush=True)
+        runs[share].append(res)
+    out = dict(pack_model=model, pack_step=step, pack_seqs=len(seqs), pack_seqs_trained=trained,
+               pack_responses=sum(s["kind"] == "response" for s in seqs),
+               pack_critiques=sum(s["kind"] == "critique" for s in seqs),
+               pack_prompt_tokens_mean={k: round(statistics.mean([len(s["prompt_ids"]) for s in seqs if s["kind"] == k] or [0]), 1)
+                                        for k in ("response", "critique")},
+               pack_completion_tokens_mean={k: round(statistics.mean([s["length"] for s in seqs if s["kind"] == k] or [0]), 1)
+                                            for k in ("response", "critique")},
+               pack_rollout_s=round(rollout_s, 2))
+    for share, rs in runs.items():
+        ups = [t for r in rs for t in r["update_s"]]
+        out[f"pack_{share}"] = dict(update_s=stats(ups, 2), tokens=rs[0]["tokens"],
+                                    peak_rss_mib=max(r["peak_rss_mib"] for r in rs),
+                                    step_s=round(rollout_s + statistics.median(ups), 2))
+    on, off = out["pack_true"], out["pack_false"]
+    out["pack_update_ratio"] = round(on["update_s"]["median"] / off["update_s"]["median"], 3)
+    out["pack_step_ratio"] = round(on["step_s"] / off["step_s"], 3)
+    out["pack_tokens_ratio"] = round(on["tokens"] / off["tokens"], 3)
+    return out
+
+
+def packing_worker(argv, n):
+    """One --share-prompts setting: the update on the recorded sequences, once to warm up, then n times timed."""
+    tr = train.Trainer(train.build_parser().parse_args(argv))
+    seqs = json.loads((PACK_OUT / "seqs.json").read_text())
+    for s in seqs:
+        s["group"] = tuple(s["group"])
+    times, tokens = [], None
+    for i in range(n + 1):
+        m = train.Metrics()
+        t = time.perf_counter()
+        tr.update(seqs, m)
+        dt = time.perf_counter() - t
+        if i:
+            times.append(round(dt, 3))
+        tokens = m.get("update/tokens", [0])[0]
+    print(json.dumps(dict(update_s=times, tokens=int(tokens), peak_rss_mib=peak_mib())))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m", help="throughput model: alias, HF id or checkpoint dir")
@@ -203,8 +286,13 @@ def main():
     ap.add_argument("--phase-model", default=None, help="model of the GC-RL steps (default: the bench cold start)")
     ap.add_argument("--skip-phases", action="store_true", help="throughput only")
     ap.add_argument("--quick", action="store_true", help="smoke test: tiny shapes, 1 run, 1 short step")
+    ap.add_argument("--packing", action="store_true", help="only the --share-prompts A/B on a recorded GC-RL step")
+    ap.add_argument("--pack-updates", type=int, default=2, help="timed updates per process in the packing A/B")
     ap.add_argument("--phase-worker", help=argparse.SUPPRESS)  # JSON argv for train.main, run in this process
+    ap.add_argument("--packing-worker", help=argparse.SUPPRESS)  # JSON argv for train.Trainer
     args = ap.parse_args()
+    if args.packing_worker:
+        return packing_worker(json.loads(args.packing_worker), args.pack_updates)
     if args.phase_worker:
         train.main(json.loads(args.phase_worker))
         (PHASE_OUT / "peak.json").write_text(json.dumps(dict(peak_rss_mib=peak_mib())))
@@ -213,9 +301,12 @@ def main():
         args.batch, args.completion, args.runs, args.steps, args.max_new = 8, 16, 1, 1, 16
     res = dict(model=args.model, threads=torch.get_num_threads(), cpu_count=os.cpu_count(), torch=torch.__version__,
                load_avg_start=round(os.getloadavg()[0], 2))
-    res.update(throughput(args))
-    if not args.skip_phases:
-        res.update(phases(args))
+    if args.packing:
+        res.update(packing(args))
+    else:
+        res.update(throughput(args))
+        if not args.skip_phases:
+            res.update(phases(args))
     res["load_avg_end"] = round(os.getloadavg()[0], 2)
     print(json.dumps(res))
 

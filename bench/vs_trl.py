@@ -1,4 +1,4 @@
-"""gcrl vs TRL (issue 8): the same vanilla GRPO work in `train.py --mode g` and in TRL's `GRPOTrainer`.
+"""gcrl vs TRL: the same vanilla GRPO work in `train.py --mode g` and in TRL's `GRPOTrainer`.
 
     pip install -r requirements-bench.txt  # trl==1.16.0
     python bench/vs_trl.py                  # fp32 and bf16, 6 steps per run, one run per tool and dtype

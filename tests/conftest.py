@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED = Path(__file__).resolve().parent / "data" / "gsm8k"  # copies of ../shared/data/gsm8k files (MIT, OpenAI)
+SHARED = Path(__file__).resolve().parent / "data" / "gsm8k"  # copies of two GSM8K files (MIT, OpenAI)
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 

@@ -7,7 +7,7 @@ import data
 from data import DataError, load_data
 
 
-def write_jsonl(path, rows):
+def write_jsonl(path, rows):  # rows may be raw lines (bad JSON on purpose), unlike data.write_jsonl
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
 
@@ -138,3 +138,26 @@ def test_prompt_without_chat_template(tokenizer):
     tok = copy.deepcopy(tokenizer)
     tok.chat_template = None
     assert tok.decode(data.gen_prompt(tok, "2+2?")).endswith("\nAnswer:")
+
+
+def test_json_writers_round_trip_atomically(tmp_path):
+    rows = [{"question": "Zoë has 2 €?", "answer": 2}, {"id": "x", "steps": [["1 + 1 = 2", 2]]}]
+    path = tmp_path / "sub" / "rows.jsonl"
+    data.write_jsonl(path, rows)  # creates the directory
+    assert data.read_jsonl(path) == rows and "Zoë" in path.read_text(encoding="utf-8")
+    data.write_json(tmp_path / "sub" / "res.json", {"acc": 0.5, "items": rows})
+    assert json.loads((tmp_path / "sub" / "res.json").read_text(encoding="utf-8")) == {"acc": 0.5, "items": rows}
+    with pytest.raises(TypeError):  # a row that is not JSON: the old file stays whole, no tmp file is left
+        data.write_jsonl(path, [{"ok": 1}, {"bad": object()}])
+    assert data.read_jsonl(path) == rows
+    assert sorted(p.name for p in path.parent.iterdir()) == ["res.json", "rows.jsonl"]
+
+
+def test_require_field():
+    assert data.require_field({"question": " q "}, "question", "f row 1") == " q "
+    assert data.require_field({"answer": 72}, "answer", "f row 1", text=False) == 72  # answers may be numbers
+    for row in ({}, {"question": "  "}, {"question": None}, {"question": 3}, ["question"]):
+        with pytest.raises(DataError, match=r"f row 1: missing or empty 'question'"):
+            data.require_field(row, "question", "f row 1")
+    with pytest.raises(DataError, match="missing or empty 'answer'"):
+        data.require_field({"answer": ""}, "answer", "f row 1", text=False)

@@ -24,6 +24,9 @@ if __name__ == "__main__":  # the driver, one per rank
     from test_train import ScriptedSampler
 
     rollout.Sampler = ScriptedSampler
+    if os.environ.get("GCRL_TEST_EMPTY_RANK") == os.environ.get("RANK"):  # this rank: every response wrong
+        import reward
+        reward.response_reward = lambda text, gold, **kw: 0.0
     save = train.Trainer.save
 
     def save_and_dump(self, final=False):
@@ -45,6 +48,30 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def launch(tmp_path, argv, **env_over):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **env_over)
+    launcher = Path(sys.executable).parent / "accelerate"
+    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
+           "--main_process_port", str(_free_port()), __file__] + argv
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+def test_a_rank_with_nothing_to_learn(tiny_dir, qspec, tmp_path):
+    """Rank 1's groups are all uniform (every response wrong), rank 0's are not: with old log-probs (ppo-epochs 2)
+    and a reference model (beta > 0) rank 1 computes nothing for them and still joins every collective; the
+    ranks stay in lockstep and the update is rank 0's alone."""
+    out = tmp_path / "empty"
+    launch(tmp_path, base_args(tiny_dir, qspec, out, **{"--mode": "g", "--questions-per-step": 4, "--beta": 0.1,
+                                                        "--ppo-epochs": 2, "--mini-batch-size": 2}),
+           GCRL_TEST_EMPTY_RANK="1")
+    r0, r1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    (row,) = metrics(out)
+    assert row["update/seqs"] == 4 and row["frac_reward_zero_std"] == 0.5  # rank 0: 2 mixed groups of 2
 
 
 def test_two_processes_match_one(monkeypatch, tiny_dir, qspec, tmp_path):

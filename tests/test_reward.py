@@ -1,6 +1,7 @@
 """reward.py: answer checking, verdicts, every reward of the paper, the balance filter."""
 import json
 import random
+import re
 import threading
 import time
 
@@ -8,7 +9,7 @@ import pytest
 from conftest import SHARED
 
 from reward import (CRITIQUE_REWARDS, balance, critique_reward, denoise_bonus, extract_answer, extract_verdict,
-                    is_correct, response_reward)
+                    is_correct, normalize_answer, response_reward)
 
 GSM8K_SOLUTIONS = SHARED / "model_solutions_dev.jsonl"
 
@@ -26,6 +27,12 @@ ANSWER_CASES = [
     ("\\boxed{18 \\text{ dollars}}", "18", True),
     ("\\boxed{1 000}", "1000", True),         # whitespace means nothing in LaTeX math
     ("\\boxed{1{,}234}", "1234", True),
+    ("\\boxed{32,\\! 349}", "32349", True),   # MATH style: thin space, then a space
+    ("\\boxed{32,\\! 348}", "32349", False),
+    ("\\boxed{32349}", "32,\\! 349", True),   # the same on the gold side
+    ("\\boxed{32{,}\\, 349}", "32349", True),
+    ("\\boxed{32\\,349}", "32349", True),
+    ("\\boxed{1,\\! 2}", "12", False),        # not three digits after the comma: a list, not 12
     ("\\boxed{-5}", "-5", True),
     ("\\boxed{5}", "-5", False),
     ("\\boxed{\u22127}", "-7", True),        # unicode minus
@@ -98,6 +105,29 @@ def test_extract_answer():
     assert extract_answer("Area: 26", markers=("A:",)) is None            # marker must start a word
     assert extract_answer("#### 12", markers=()) is None                  # boxed only
     assert extract_answer(None) is None and extract_answer("") is None
+
+
+def test_normalize_answer():
+    assert normalize_answer("$1,000") == normalize_answer("1000.0") == normalize_answer("1{,}000") == "1000"
+    assert normalize_answer("0.5") == normalize_answer("1/2") == normalize_answer("\\frac{1}{2}") == "1/2"
+    assert normalize_answer("-\\dfrac{2}{4}") == normalize_answer("-0.5") == "-1/2"
+    assert normalize_answer("18 dollars") == normalize_answer("\\$18.00") == normalize_answer("18") == "18"
+    assert normalize_answer("32,\\! 349") == "32349"
+    assert normalize_answer("\\text{Even} ") == normalize_answer("even") == "even"  # text: case-folded
+    assert normalize_answer("(C)") == "C" and normalize_answer("x + 1") == "x+1"    # math: case kept
+    assert normalize_answer(None) is None and normalize_answer("  ") is None and normalize_answer("$") is None
+
+
+def test_normalize_answer_agrees_with_is_correct():
+    # wherever both sides normalise to a number, equal strings <=> is_correct
+    number = re.compile(r"-?\d+(?:/\d+)?")
+    n = 0
+    for text, gold, expected in ANSWER_CASES:
+        a, g = normalize_answer(extract_answer(text)), normalize_answer(extract_answer(gold, ("####",)) or gold)
+        if a and g and number.fullmatch(a) and number.fullmatch(g):
+            n += 1
+            assert (a == g) is expected, (text, gold)
+    assert n >= 20
 
 
 def test_strict_is_boxed_only():
@@ -179,7 +209,14 @@ VERDICTS = [
     ("CONCLUSION: INCORRECT [END] trailing", "wrong"),
     ("Conclusion:\n\n**wrong**", "wrong"),          # verdict on the next line
     ("Conclusion: wrong\nlater...\nConclusion: right", "right"),  # the last one counts
+    ("Conclusion: right?", "right"),
+    ("Conclusion: wrong.", "wrong"),
+    ("**Conclusion:** Right [END]", "right"),
     ("Conclusion: right\nConclusion: maybe", None),
+    ("Conclusion: right or wrong", None),
+    ("Conclusion: right? wrong?", None),
+    ("Conclusion: right/wrong", None),
+    ("Conclusion: ?", None),
     ("Conclusion: not correct", None),
     ("Conclusion: the solution is right", None),
     ("The answer is right.", None),

@@ -217,12 +217,14 @@ def test_trainer_logprobs_match_sampler(tokenizer, tiny_model):
     outs = rollout.Sampler(tiny_model, max_len=128).generate(prompts, n=2, max_new_tokens=12, temperature=0.7,
                                                              seed=3, stop_ids=[tokenizer.eos_token_id])
     seqs = [dict(prompt_ids=prompts[o["prompt_index"]], tokens=o["tokens"]) for o in outs]
-    ids, index, targets, mask = train.collate(seqs, tokenizer.pad_token_id, "cpu")
-    with torch.no_grad():
-        logp, ent = train.Policy(tiny_model)(ids, index, targets, 0.7)
-    for r, o in enumerate(outs):
-        assert torch.allclose(logp[r, :o["length"]], torch.tensor(o["logprobs"]), atol=1e-4)
-    assert bool((ent[mask > 0] > 0).all())
+    for share in (False, True):  # one row per sequence, and each prompt once with its 2 completions
+        inputs, mask = train.collate(seqs, tokenizer.pad_token_id, "cpu", share=share)
+        assert inputs["input_ids"].shape[0] == (2 if share else 4)
+        with torch.no_grad():
+            logp, ent = train.Policy(tiny_model)(**inputs, temperature=0.7)
+        for r, o in enumerate(outs):
+            assert torch.allclose(logp[r, :o["length"]], torch.tensor(o["logprobs"]), atol=1e-4)
+        assert bool((ent[mask > 0] > 0).all())
 
 
 def test_stream_is_a_seeded_permutation_per_epoch():
@@ -379,8 +381,8 @@ def test_bad_inputs_name_the_flag(tiny_dir, qspec, tmp_path):
         train.main(base_args(tiny_dir, qspec, tmp_path / "g", **{"--num-generations": 1}))
     with pytest.raises(train.ConfigError, match="--resume"):
         train.main(base_args(tiny_dir, qspec, tmp_path / "g", **{"--resume": str(tmp_path)}))
-    fake = SimpleNamespace(args=SimpleNamespace(questions_per_step=3, pairs_per_step=4, mode="gc",
-                                                prompt_style="plain"), world=2)
+    fake = SimpleNamespace(args=SimpleNamespace(questions_per_step=3, pairs_per_step=4, mode="gc", pairs=None,
+                                                pair_filter="balance", prompt_style="plain"), world=2)
     with pytest.raises(train.ConfigError, match=r"--questions-per-step 3 .*processes \(2\)"):
         train.Trainer._validate(fake)
     fake.args.questions_per_step, fake.args.pairs_per_step = 4, 3
@@ -421,3 +423,108 @@ def test_sigterm_saves_a_loadable_checkpoint(tiny_dir, qspec, tmp_path):
     AutoModelForCausalLM.from_pretrained(cks[0] / "model")
     AutoTokenizer.from_pretrained(cks[0] / "model")
     assert not list(out.glob("*.tmp"))
+
+
+def test_share_prompts_makes_the_same_update(monkeypatch, tiny_dir, qspec, tmp_path):
+    """One GC-RL step (grad-accum 2, 2 mini-batches x 2 epochs, beta > 0: old and reference log-probs packed too)
+    with each prompt trained once per group ends at the same parameters and metrics as one row per sequence."""
+    install_scripted(monkeypatch)
+    runs = {}
+    for share in ("true", "false"):
+        out = tmp_path / share
+        train.main(base_args(tiny_dir, qspec, out, **{"--share-prompts": share, "--grad-accum": 2, "--beta": 0.1,
+                                                       "--ppo-epochs": 2, "--mini-batch-size": 4,
+                                                       "--learning-rate": 1e-4}))
+        runs[share] = (params(out / "final"), metrics(out)[0])
+    (pa, ma), (pb, mb) = runs["true"], runs["false"]
+    before = params(tiny_dir)
+    assert any(not torch.equal(before[k], pa[k]) for k in pa)
+    assert max(float((pa[k] - pb[k]).abs().max()) for k in pa) <= 1e-6
+    for k in ("loss", "kl", "clip_ratio", "entropy", "logprob_gap", "reward/critique", "grad_norm"):
+        assert ma[k] == pytest.approx(mb[k], abs=1e-5), k
+
+
+# ----------------------------------------------------------------------------- the paper's ablations as flags
+
+def test_pair_filter_random_vs_balance():
+    """balance: one right + one wrong of each mixed question, uniform questions dropped (1:1 always);
+    random: two responses of every question drawn uniformly, uniform ones included (not 1:1 in general)."""
+    import random as _random
+    rewards_by_q = [[1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [0, 1, 0, 0]]  # accuracy 0.3, as early RL
+    samples = [dict(q_index=q, text=f"q{q} r{j}") for q, g in enumerate(rewards_by_q) for j in range(4)]
+    rewards = [float(r) for g in rewards_by_q for r in g]
+    recs = [dict(id=f"q{q}", question=f"Q{q}", answer="1") for q in range(5)]
+    bal = critique.pairs_from_rollout(samples, recs, rewards, _random.Random(0), "balance")
+    assert [p["question"] for p in bal] == ["Q2", "Q2", "Q4", "Q4"] and [p["label"] for p in bal] == [True, False] * 2
+    right_fracs = []
+    for seed in range(20):
+        rnd = critique.pairs_from_rollout(samples, recs, rewards, _random.Random(seed), "random")
+        assert sorted(p["question"] for p in rnd) == sorted(f"Q{q}" for q in range(5) for _ in range(2))
+        for p in rnd:  # each label is its response's own reward
+            q, j = map(int, p["response"][1:].split(" r"))
+            assert p["label"] == bool(rewards_by_q[q][j])
+        assert len({p["response"] for p in rnd}) == 10  # without replacement within a question
+        right_fracs.append(sum(p["label"] for p in rnd) / len(rnd))
+    assert min(right_fracs) >= 0.2 and max(right_fracs) <= 0.4 and sum(right_fracs) / 20 < 0.45  # follows E[R], not 1:1
+    cache = critique.QRCache(capacity=8, seed=0, balanced=False)
+    cache.push(rnd)
+    assert len(cache) == 8 and cache.evicted == 2  # oldest-first eviction; unbalanced pushes are accepted
+    assert len(cache.pop(5)) == 5 and len(cache) == 3
+    restored = critique.QRCache(seed=1)
+    restored.load_state_dict(cache.state_dict())
+    assert not restored.balanced and len(restored.pop(9)) == 3
+    with pytest.raises(ValueError, match="as many right as wrong"):
+        critique.QRCache().push([dict(question="Q", response="r", label=True)])  # the balanced cache still refuses
+
+
+def test_gc_random_pair_filter_run(monkeypatch, tiny_dir, qspec, tmp_path):
+    """--pair-filter random through a run: the cache takes two responses of every question, uniform ones too."""
+    install_scripted(monkeypatch)
+    out = tmp_path / "random"
+    train.main(base_args(tiny_dir, qspec, out, **{"--pair-filter": "random", "--critique-reward": "reweight",
+                                                   "--pairs-per-step": 2}))
+    (row,) = metrics(out)
+    assert row["cache/size"] == 2 * 2 - 2  # 2 questions x 2 pairs pushed, 2 popped
+    assert 0 <= row["pairs/right_frac"] <= 1 and 0 <= row["acc/response_ema"] <= 1
+    state = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())
+    assert state["ranks"][0]["cache"]["balanced"] is False
+
+
+def test_c_dynamic_trains_critiques_of_this_steps_responses_only(monkeypatch, tiny_dir, qspec, tmp_path):
+    """--mode c --pairs dynamic: the first-order rollout runs and fills the cache, its responses never enter the
+    loss, and the pairs critiqued are this step's own responses."""
+    install_scripted(monkeypatch)
+    out = tmp_path / "cdyn"
+    train.main(base_args(tiny_dir, qspec, out, **{"--mode": "c", "--pairs": "dynamic", "--log-samples": 100}))
+    (row,) = metrics(out)
+    assert "reward/response" in row and "reward/critique" in row and row["pairs/right_frac"] == 0.5
+    assert row["update/seqs"] == 2 * 2  # 2 pairs x 2 critiques; the 2 x 2 responses are not trained
+    samples = [json.loads(ln) for ln in (out / "samples.jsonl").read_text().splitlines()]
+    responses = [s["text"] for s in samples if s["kind"] == "response"]
+    crit_prompts = [s["prompt"] for s in samples if s["kind"] == "critique"]
+    assert responses and crit_prompts
+    assert all(any(r in p for r in responses) for p in crit_prompts)
+    assert not (out / "static_pairs.jsonl").exists()
+
+
+def test_gc_static_never_pushes_to_the_cache(monkeypatch, tiny_dir, qspec, tmp_path):
+    """--mode gc --pairs static: generation trains on fresh rollouts, critiques on the static set built once from
+    the starting policy; the cache stays empty."""
+    install_scripted(monkeypatch)
+    pushes = []
+    monkeypatch.setattr(critique.QRCache, "push", lambda self, pairs: pushes.append(pairs))
+    out = tmp_path / "gcstatic"
+    train.main(base_args(tiny_dir, qspec, out, **{"--pairs": "static", "--static-k": 2, "--max-steps": 2}))
+    rows = metrics(out)
+    assert not pushes and (out / "static_pairs.jsonl").is_file()
+    assert all(r["update/seqs"] == 2 * 2 + 2 * 2 and "cache/size" not in r for r in rows)
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["ranks"][0]["cache"]["right"] == [] and state["pairs"]["pos"] == 4
+
+
+def test_ablation_flags_refuse_what_they_do_not_mean(tiny_dir, qspec, tmp_path):
+    for over, msg in (({"--mode": "g", "--pairs": "static"}, "--pairs static is for --mode gc / c"),
+                      ({"--mode": "c", "--pair-filter": "random"}, "--pair-filter random filters the dynamic"),
+                      ({"--mode": "gc", "--static-pairs": "x.jsonl"}, "--static-pairs is for static pairs only")):
+        with pytest.raises(train.ConfigError, match=msg):
+            train.main(base_args(tiny_dir, qspec, tmp_path / "bad", **over))
