@@ -151,7 +151,8 @@ def _checkpointed(out):
 def plan(args):
     """Every step of the grid in order: dicts {name, argv, done (skip it), log, record (run.json), key}.
     Cold start, critique test set, the cold start's (and base's) evals, then seed by seed every method's
-    training and evals, so a grid stopped half-way has whole seeds."""
+    training and evals, so a grid stopped half-way has whole seeds. A run whose evals all exist counts as
+    trained even without its checkpoints (a fresh clone carries the small results, not the models)."""
     root = Path(args.dir)
     evals = ["eval"] + (["eval-gsm8k"] if args.gsm8k_dir else [])
     steps = []
@@ -164,20 +165,27 @@ def plan(args):
             out = Path(run) / f"{e}.json"
             add(f"{tag} {e}", eval_argv(args, model, tag, out, e), out.is_file(), Path(run) / f"{e}.log", run, e)
 
+    def evals_done(run):
+        return all((Path(run) / f"{e}.json").is_file() for e in evals)
+
+    def trained(run):  # a model to evaluate, or nothing left to evaluate it for (results kept, checkpoints not)
+        return (Path(run) / "final" / "config.json").is_file() or evals_done(run)
+
     sft = root / "sft"
-    add("sft train", sft_argv(args), (sft / "final" / "config.json").is_file(), sft / "train.log", sft, "train")
+    runs = [(m, seed, run_dir(root, m, seed)) for seed in args.seeds for m in args.methods]
+    # the cold start is needed while any RL run or its own eval still has to be made
+    sft_done = (sft / "final" / "config.json").is_file() or (evals_done(sft) and all(trained(r) for _, _, r in runs))
+    add("sft train", sft_argv(args), sft_done, sft / "train.log", sft, "train")
     crit = root / "critique_test.jsonl"
     add("critique test set", critique_set_argv(args), crit.is_file(), root / "critique_test.log", sft, "critique-set")
     add_evals("sft", sft / "final", sft)
     if args.with_base:
         add_evals("base", args.model, root / "base")
-    for seed in args.seeds:
-        for m in args.methods:
-            run = run_dir(root, m, seed)
-            done = (run / "final" / "config.json").is_file()
-            add(f"{m}/seed{seed} train", rl_argv(args, m, seed, resume=not done and _checkpointed(run)), done,
-                run / "train.log", run, "train")
-            add_evals(f"{m}/seed{seed}", run / "final", run)
+    for m, seed, run in runs:
+        done = trained(run)
+        add(f"{m}/seed{seed} train", rl_argv(args, m, seed, resume=not done and _checkpointed(run)), done,
+            run / "train.log", run, "train")
+        add_evals(f"{m}/seed{seed}", run / "final", run)
     return steps
 
 

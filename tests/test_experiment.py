@@ -157,6 +157,23 @@ def test_resumed_grid_skips_finished_runs_and_evals(tmp_path, monkeypatch, capsy
     assert "--rl-steps 12 then, 5 now" in capsys.readouterr().err
 
 
+def test_a_fresh_clone_with_only_the_results_resumes(tmp_path, monkeypatch):
+    """What a clone carries: evals and data, no models. Finished runs are not retrained; the cold start is
+    retrained only when a run still needs it."""
+    root = tmp_path / "grid"
+    for f in ("cold_start.jsonl", "critique_test.jsonl"):
+        write(root / f, "{}")
+    for d in ("sft", "g/seed0", "gc/seed0"):
+        write(root / d / "eval.json", fake_eval([1, 0], CRIT4))
+    launched = []
+    monkeypatch.setattr(ex, "launch", lambda argv, log, label: launched.append(label) or
+                        dict(rc=0, wall_s=1.0, peak_rss_mib=1.0, interrupted=False))
+    assert ex.main([str(root), "--methods", "g,gc", "--seeds", "0"]) == 0
+    assert launched == []
+    assert ex.main([str(root), "--methods", "g,gc", "--seeds", "0,1"]) == 0
+    assert launched == ["sft train", "g/seed1 train", "g/seed1 eval", "gc/seed1 train", "gc/seed1 eval"]
+
+
 def test_failed_run_stops_the_grid_naming_its_log(tmp_path, monkeypatch, capsys):
     root = tmp_path / "grid"
     write(root / "cold_start.jsonl", "{}")
