@@ -7,7 +7,7 @@ export PYTHONUNBUFFERED := 1
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test bench experiment findings clean
+.PHONY: setup demo test bench gpu-check experiment findings clean
 
 $(STAMP): requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -53,6 +53,9 @@ bench: setup  ## benchmarks; each prints a JSON line last
 	$(BIN)/python bench/sampler.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/vs_trl.py
+
+gpu-check: setup  ## the first run on a CUDA machine: flash-attn, CUDA tests, sampler benchmark, 3 GC-RL steps (< 8 min)
+	bash bench/gpu_check.sh
 
 EXPERIMENT ?= runs/experiment
 experiment: setup  ## Table 1: C-RL vs G-RL vs GC-RL from one cold start, seeds $(SEEDS), report in results.md

@@ -39,8 +39,10 @@ import torch.nn.functional as F
 
 try:  # optional fast attention on CUDA (requirements-gpu.txt)
     from flash_attn import flash_attn_with_kvcache
-except ImportError:  # CPU machines, or CUDA without flash-attn: SDPA with an explicit mask
+    FLASH_ERROR = None
+except ImportError as e:  # CPU machines, or CUDA without flash-attn: SDPA with an explicit mask
     flash_attn_with_kvcache = None
+    FLASH_ERROR = f"{type(e).__name__}: {e}"  # why not (a missing package, or a build for another torch / CUDA)
 
 # ----------------------------------------------------------------------------- loading
 
@@ -254,6 +256,19 @@ class Sampler:
         self.share_prompts = True  # shared-prompt decode attention on CPU (see _decode)
         self.k_cache = self.v_cache = None  # (L, B, T, Hkv, D) each
         self.stats = {}
+        self._told = False  # attention_path() printed (once, at the first generate)
+
+    def attention_path(self):
+        """Which decode attention this sampler runs, in words (a failed flash-attn install shows here)."""
+        device, dtype = self.model.lm_head.weight.device, self.compute_dtype
+        if device.type != "cuda":
+            kernel = "torch's CPU flash kernel" if _FLASH_CPU else "matmul softmax"
+            return f"CPU: SDPA prefill, decode with {kernel}" + (" over shared prompts" if self.share_prompts else "")
+        if flash_attn_with_kvcache is None:
+            return f"CUDA: SDPA with a mask (flash-attn not importable: {FLASH_ERROR})"
+        if dtype == torch.float32:
+            return "CUDA: SDPA with a mask (flash-attn takes fp16 / bf16 only; sampling in fp32)"
+        return "CUDA: flash_attn_with_kvcache"
 
     # -- cache
     def _ensure_cache(self, batch, length):
@@ -514,6 +529,9 @@ class Sampler:
         gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
         stop = torch.tensor(sorted(set(stop_ids or [])), dtype=torch.long, device=device)
         self.stats = dict(prefill_s=0.0, decode_s=0.0, tokens=0, rows=len(prompts) * n)
+        if not self._told and os.environ.get("RANK", "0") == "0":  # once, on one rank
+            print(f"[gcrl] sampler attention: {self.attention_path()}", file=sys.stderr)
+            self._told = True
         rows = [(p, j) for p in range(len(prompts)) for j in range(n)]
         per_chunk = (self.max_batch // n) * n if n <= self.max_batch else self.max_batch
         out = []

@@ -33,9 +33,13 @@ Metrics are reduced over ranks (sums of numerators and denominators) and logged 
 without GPUs `accelerate launch --multi_gpu --num_processes N` (or `torchrun --nproc_per_node N`) runs N CPU
 processes over gloo; `accelerate launch --cpu --num_processes N` starts only one. Set OMP_NUM_THREADS so
 that processes x threads <= cores: oversubscribed OpenMP threads slow CPU matmuls down by 100x and more.
+Sharded (configs/accelerate/fsdp2.yaml, zero3.yaml): weights, gradients and optimizer state split over ranks;
+`full_weights` gathers the whole model once per step for the sampler, every rank runs as many forwards as the
+busiest (an empty rank on a dummy row), and checkpoints hold a full HF model/ written by rank 0.
 
 Sampling runs rollout.Sampler over the unwrapped model's own parameters, in eval mode under inference_mode:
-no weight copy or sync, and gradient checkpointing (an HF-forward, training-mode feature) never touches it.
+no weight copy or sync (sharded: the gathered ones), and gradient checkpointing (an HF-forward, training-mode
+feature) never touches it.
 The trainer recomputes log-probs with the HF forward on fp32 logits; their gap to the sampler's is logged.
 It trains each prompt once per group (--share-prompts, `collate`): [prompt, completion_1, ..., completion_n] in one
 row with position ids restarting after the prompt and a 4-D mask, the same log-probs and gradients as one row
@@ -47,6 +51,7 @@ unrelated sequences into one row, no vLLM; refinement tokens (--denoise) are sco
 made once per generate call.
 """
 import argparse
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -158,6 +163,7 @@ class Policy(torch.nn.Module):
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
+        self._no_split_modules = getattr(lm, "_no_split_modules", None)  # FSDP wraps (shards) one decoder layer each
 
     def forward(self, input_ids, index, targets, valid, temperature=1.0, position_ids=None, attention_mask=None):
         h = self.lm.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
@@ -263,6 +269,49 @@ def _stack(seqs, key, like):
         v = torch.as_tensor(s[key], dtype=like.dtype)[:like.shape[1]]
         out[n, :len(v)] = v.to(like.device)
     return out
+
+
+# ============================================================================ sharded weights (FSDP, ZeRO-3)
+
+def sharding(accelerator):
+    """How the prepared model's parameters are split over ranks: "fsdp2", "fsdp1", "zero3", or None when every
+    rank holds them whole (one process, DDP, ZeRO-1/2)."""
+    from accelerate.utils import DistributedType
+    t = accelerator.distributed_type
+    if t == DistributedType.FSDP:
+        return "fsdp2" if accelerator.is_fsdp2 else "fsdp1"
+    if t == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        return "zero3"
+    return None
+
+
+@contextlib.contextmanager
+def full_weights(model, accelerator):
+    """Inside: every parameter of the prepared `model` whole on every rank, for the sampler, which reads them
+    directly and never calls a module's forward (so FSDP's and ZeRO-3's forward hooks never gather for it).
+    One all-gather on entry, freed on exit: wrap a whole rollout, never a token. A collective: every rank must
+    enter it the same number of times. Under DDP (or one process) it does nothing."""
+    kind = sharding(accelerator)
+    if kind == "fsdp2":  # FSDPModule.unshard / reshard are per module, not recursive: every unit, root first
+        from torch.distributed.fsdp import FSDPModule
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        for u in units:
+            u.unshard()  # MixedPrecisionPolicy(param_dtype=bf16): gathered in bf16, no second cast
+        try:
+            yield
+        finally:
+            for u in reversed(units):
+                u.reshard()
+    elif kind == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        with FSDP.summon_full_params(model, writeback=False):
+            yield
+    elif kind == "zero3":
+        import deepspeed
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            yield
+    else:
+        yield
 
 
 # ============================================================================ small helpers
@@ -422,6 +471,16 @@ class Trainer:
             raise ConfigError(f"launched with WORLD_SIZE={world_env} but Accelerate formed {acc.num_processes} "
                               f"process(es) on {acc.device}; check the launcher (--cpu forces the CPU)")
         self.rank, self.world = acc.process_index, acc.num_processes
+        self.sharding = sharding(acc)
+        if self.sharding:
+            # reduce-scatter every micro-batch: no_sync would keep a whole fp32 gradient on every rank
+            acc.gradient_state.plugin_kwargs["sync_each_batch"] = True
+        if self.sharding == "fsdp2" and a.mixed_precision == "bf16":
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+            # bf16 compute and gathers (the sampler's full weights too), fp32 gradient reduction; no output cast:
+            # Policy.forward returns fp32 log-probs
+            acc.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                                                reduce_dtype=torch.float32)
         self._validate()
         set_seed(a.seed)
         if acc.is_main_process:
@@ -438,9 +497,15 @@ class Trainer:
         opt = torch.optim.AdamW(policy.parameters(), lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
                                 weight_decay=a.weight_decay)
         self.model, self.opt = acc.prepare(policy, opt)
+        if self.sharding == "zero3":  # Policy.forward reads the LM head's weight without calling the head's forward
+            import deepspeed
+            head = self.lm().get_output_embeddings().weight
+            deepspeed.zero.register_external_parameter(acc.unwrap_model(self.model), head)
         self.ref = None
         if a.beta and a.mode != "sft":
-            ref_lm, _ = rollout.load_policy(a.model, dtype=torch.float32, device=acc.device)
+            # sharded runs are for models too large for a second fp32 copy on every rank: the frozen one in bf16
+            ref_dtype = torch.bfloat16 if self.sharding and a.mixed_precision == "bf16" else torch.float32
+            ref_lm, _ = rollout.load_policy(a.model, dtype=ref_dtype, device=acc.device)
             self.ref = Policy(ref_lm).eval().requires_grad_(False)
         # auto: sample in the precision the trainer computes in (None: the model's own, fp32)
         sdt = {"fp32": torch.float32, "bf16": torch.bfloat16,
@@ -480,8 +545,12 @@ class Trainer:
 
     # -- setup helpers
     def lm(self):
-        """The HF model under DDP / Accelerate wrappers: what the sampler reads and what gets saved."""
+        """The HF model under DDP / Accelerate wrappers: what the sampler reads (inside full_weights)."""
         return self.acc.unwrap_model(self.model).lm
+
+    def full_weights(self):
+        """Around every sampler use: the weights whole on every rank (FSDP / ZeRO-3), a no-op under DDP."""
+        return full_weights(self.model, self.acc)
 
     def _validate(self):
         a, W = self.args, self.world
@@ -513,8 +582,9 @@ class Trainer:
             from accelerate.utils import gather_object
             recs = self.records[:a.static_questions] if a.static_questions else self.records
             self.lm().eval()
-            pairs = critique.build_static_pairs(self.sampler, self.tok, recs[self.rank::self.world], k=a.static_k,
-                                                seed=seed_for(a.seed, "static", self.rank), **self.gen_kwargs())
+            with self.full_weights():
+                pairs = critique.build_static_pairs(self.sampler, self.tok, recs[self.rank::self.world], k=a.static_k,
+                                                    seed=seed_for(a.seed, "static", self.rank), **self.gen_kwargs())
             pairs = gather_object(pairs) if self.world > 1 else pairs
             where = f"the starting policy ({len(recs)} questions x {a.static_k} responses)"
             if pairs and acc.is_main_process:
@@ -553,11 +623,24 @@ class Trainer:
     # -- one RL step
     def rl_step(self):
         """Steps 1-7 of the module docstring on this rank's share; returns the Metrics."""
-        a, step, m = self.args, self.step + 1, Metrics()
-        t_step = time.perf_counter()
+        m, t_step = Metrics(), time.perf_counter()
+        self.lm().eval()  # sampling: eval mode, no grad (the Sampler runs under inference_mode)
+        with self.full_weights():  # FSDP / ZeRO-3: one gather for all of the step's sampling
+            seqs, gen_tokens = self.rollouts(m)
+        # 6-7. advantages and the update
+        t0 = time.perf_counter()
+        self.update(seqs, m)
+        m.add("time/update", time.perf_counter() - t0)
+        dt = time.perf_counter() - t_step
+        m.add("time/step", dt)
+        m.add("tokens_per_s", gen_tokens / dt)  # generated tokens per second of the whole step (summed over ranks)
+        return m
+
+    def rollouts(self, m):
+        """Steps 1-5: sample, score, filter, cache, critique. Returns (the rollout batch, generated tokens)."""
+        a, step = self.args, self.step + 1
         seqs = []  # the rollout batch: {prompt_ids, tokens, logprobs, reward, group, truncated, kind}
         gen_tokens = 0
-        self.lm().eval()  # sampling: eval mode, no grad (the Sampler runs under inference_mode)
 
         if a.mode in ("g", "gc") or self.pairs == "dynamic":
             # 1. first-order rollout on this rank's questions (whole groups)
@@ -612,15 +695,7 @@ class Trainer:
                 gen_tokens += sum(c["length"] for c in crits)
                 self._dump(step, [dict(kind="critique", prompt=c["prompt_ids"], text=c["text"], verdict=c["verdict"],
                                        label=c["label"], reward=c["reward"]) for c in crits[:a.log_samples]])
-
-        # 6-7. advantages and the update
-        t0 = time.perf_counter()
-        self.update(seqs, m)
-        m.add("time/update", time.perf_counter() - t0)
-        dt = time.perf_counter() - t_step
-        m.add("time/step", dt)
-        m.add("tokens_per_s", gen_tokens / dt)  # generated tokens per second of the whole step (summed over ranks)
-        return m
+        return seqs, gen_tokens
 
     def my_share(self, items):
         """This rank's contiguous share of a list drawn for all ranks (whole groups: questions, pairs)."""
@@ -716,8 +791,9 @@ class Trainer:
                                 sampler_lp = _stack(micro, "logprobs", logp)
                                 gap[0] += float(((sampler_lp - old_lp).abs() * mask).sum())
                                 gap[1] += float(mask.sum())
-                        if acc.sync_gradients:
-                            norms.append(float(acc.clip_grad_norm_(self.model.parameters(), a.max_grad_norm)))
+                        if acc.sync_gradients:  # DeepSpeed clips by its config and may report no norm
+                            norm = acc.clip_grad_norm_(self.model.parameters(), a.max_grad_norm)
+                            norms += [float(norm)] if norm is not None else []
                         self.opt.step()
                         self.opt.zero_grad()
                 losses.append(step_loss)
@@ -756,16 +832,23 @@ class Trainer:
 
     def _logprobs(self, policy, seqs):
         """Per-sequence log-probs of `policy` (no grad; the caller sets autocast), packed rows of up to
-        --logprob-batch sequences per forward: a list of (len(tokens),) tensors."""
-        out, bs, piece = [], max(1, self.args.logprob_batch), []
+        --logprob-batch sequences per forward: a list of (len(tokens),) tensors. Under FSDP / ZeRO-3 the trained
+        model's forward is a collective (it gathers each layer), so every rank runs as many forwards as the
+        busiest one, the extra ones on collate's zero-weight dummy row."""
+        out, bs, pieces, piece = [], max(1, self.args.logprob_batch), [], []
         rows = pack(seqs, self.share_prompts)
         for r, row in enumerate(rows):
             piece += [seqs[i] for i in row]
             if r + 1 == len(rows) or len(piece) + len(rows[r + 1]) > bs:
-                inputs, _ = self.collate(piece)
-                logp, _ = policy(**inputs, temperature=self.temperature)
-                out += [(s, logp[n, :len(s["tokens"])]) for n, s in enumerate(piece)]
+                pieces.append(piece)
                 piece = []
+        if self.sharding and policy is not self.ref:  # the reference model is a plain module on every rank
+            n = self.acc.gather(torch.tensor([len(pieces)], device=self.acc.device)) if self.world > 1 else [0]
+            pieces += [[] for _ in range(int(max(n)) - len(pieces))]
+        for piece in pieces:
+            inputs, _ = self.collate(piece)
+            logp, _ = policy(**inputs, temperature=self.temperature)
+            out += [(s, logp[n, :len(s["tokens"])]) for n, s in enumerate(piece)]
         by_id = {id(s): lp for s, lp in out}
         return [by_id[id(s)] for s in seqs]
 
@@ -790,7 +873,8 @@ class Trainer:
                 total += float(loss.detach())
                 m.add("entropy", float((ent * mask).sum()), int(mask.sum()))
                 if acc.sync_gradients:
-                    m.add("grad_norm", float(acc.clip_grad_norm_(self.model.parameters(), a.max_grad_norm)))
+                    norm = acc.clip_grad_norm_(self.model.parameters(), a.max_grad_norm)
+                    m.add("grad_norm", float(norm) if norm is not None else 0.0, int(norm is not None))
                 self.opt.step()
                 self.opt.zero_grad()
         self.model.eval()
@@ -808,8 +892,9 @@ class Trainer:
         """Greedy accuracy on --eval-data (this rank's share), into the step's metrics as eval/*."""
         recs = self.eval_records[self.rank::self.world]
         self.lm().eval()
-        outs = rollout.first_order_rollout(self.sampler, self.tok, recs, 1, seed=0,
-                                           **dict(self.gen_kwargs(), temperature=0.0))
+        with self.full_weights():
+            outs = rollout.first_order_rollout(self.sampler, self.tok, recs, 1, seed=0,
+                                               **dict(self.gen_kwargs(), temperature=0.0))
         m.mean_of("eval/acc/response", [reward.response_reward(o["text"], recs[o["q_index"]]["answer"]) > 0.5
                                         for o in outs])
         m.mean_of("eval/len/response", [o["length"] for o in outs])
@@ -828,8 +913,8 @@ class Trainer:
         return dict(cache=self.cache.state_dict())
 
     def save(self, final=False):
-        """OUT/checkpoint-STEP/: model/ (HF, from_pretrained + tokenizer), accelerate save_state files
-        (weights, optimizer, every rank's RNG), trainer_state.json (step, data position, running
+        """OUT/checkpoint-STEP/: model/ (HF, from_pretrained + tokenizer, written whole by rank 0), accelerate
+        save_state files (weights, optimizer, every rank's RNG; sharded under FSDP), trainer_state.json (step, data position, running
         accuracy, every rank's QRCache). Written to checkpoint-STEP.tmp, then renamed."""
         from accelerate.utils import gather_object
         acc, a = self.acc, self.args
@@ -841,8 +926,14 @@ class Trainer:
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         ranks = gather_object([self.rank_state()]) if self.world > 1 else [self.rank_state()]
+        # the whole model on rank 0 (a collective under FSDP / ZeRO-3, which gather it; the module's own otherwise)
+        full = acc.get_state_dict(self.model)
         if acc.is_main_process:
-            self.lm().save_pretrained(tmp / "model", safe_serialization=True)
+            sd = {k.removeprefix("lm."): v for k, v in full.items()}  # HF names, without the Policy wrapper's
+            first = {}  # a gathered dict holds tied weights (lm_head = embeddings) as copies: one tensor, saved once
+            for name, p in self.lm().named_parameters(remove_duplicate=False):
+                sd[name] = sd[first.setdefault(id(p), name)]
+            self.lm().save_pretrained(tmp / "model", state_dict=sd, safe_serialization=True)
             self.tok.save_pretrained(tmp / "model")
             # RNG: every sampling / filter / mini-batch seed is derived from (--seed, step, rank), so the step
             # and the data position fix them; the global RNG states are in random_states_*.pkl (save_state)
