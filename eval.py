@@ -42,6 +42,10 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import critique
+import data
+import reward
+
 
 class EvalError(ValueError):
     """Bad eval input; the message names the path or spec."""
@@ -173,7 +177,6 @@ def balanced_pairs(rows, seed=0):
     """A 1:1 critique set from rows {question, response, label, answer?}: rows are grouped by question and
     reward.balance keeps one random right and one random wrong response of each question that has both
     (questions with one label only are dropped). Already balanced input comes back unchanged."""
-    import reward
     groups, order = defaultdict(list), []
     for r in rows:
         if r["question"] not in groups:
@@ -202,7 +205,6 @@ def null_block(keys, reason, **known):
 
 def score(text, gold, strict=True):
     """Answer, correctness and format of one response."""
-    import reward
     markers = () if strict else reward.DEFAULT_MARKERS
     return dict(answer=reward.extract_answer(text, markers), correct=reward.is_correct(text, gold, strict=strict),
                 boxed=reward.extract_answer(text, ()) is not None)
@@ -246,7 +248,6 @@ def sample_responses(sampler, tok, records, n, strict=True, desc=None, **gen):
 
 def run_critiques(sampler, tok, pairs, c, k_ref=0, desc=None, **gen):
     """c critiques of each pair (critique.second_order_rollout, plain Eq. 2 reward), in pair order."""
-    import critique
     progress, bar = progress_bar(desc) if desc else (None, None)
     if progress:
         gen["progress"] = progress
@@ -262,7 +263,6 @@ def item_outcomes(records, greedy, samples, pairs, crits, k_ref=0):
     question ids; greedy / each sample / the majority-vote response correct (0/1) per question; one entry per
     critique in pair order: its pair's question and label, the verdict, whether it was right and (k_ref > 0)
     its denoised reward (Eq. 2 + Eq. 4)."""
-    import reward
     maj = []
     for g in samples or []:
         _, i = majority_vote([r["answer"] for r in g])
@@ -283,7 +283,6 @@ def item_outcomes(records, greedy, samples, pairs, crits, k_ref=0):
 
 def critique_metrics(crits, pairs, source, c, k_ref=0):
     """Critique block from second-order rollout outputs (each with `verdict`, `label`, `reward`, `bonus`)."""
-    import reward
     m = classification_metrics([x["verdict"] for x in crits], [bool(x["label"]) for x in crits])
     plain = [reward.critique_reward(x["verdict"], bool(x["label"])) for x in crits]
     out = dict(source=source, n_pairs=len(pairs), n_right=sum(1 for p in pairs if p["label"]),
@@ -299,8 +298,6 @@ def critique_metrics(crits, pairs, source, c, k_ref=0):
 def load_critique_set(spec, seed=0, limit=None):
     """Balanced pairs from a critique SPEC (critique.load_critique_data: gsm8k-solutions:PATH, jsonl:PATH),
     at most `limit` questions (2 pairs each). A set where no question has both labels is empty, not an error."""
-    import critique
-    import data
     try:
         rows = critique.load_critique_data(spec, seed=seed)
     except data.DataError as e:
@@ -322,7 +319,6 @@ def self_critique_set(records, groups, seed=0):
 
 def evaluate(model, tok, args, log=print):
     """All three blocks for one model; `args` is the parsed CLI namespace (see build_parser)."""
-    import data
     import rollout
     t0 = time.time()
     strict = not args.lenient
@@ -646,8 +642,6 @@ def build_critique_test_set(args):
     balance filter, topped up (arith only) with program-written right / wrong responses
     (critique.synth_response) for the questions whose samples were all right or all wrong, so every question
     gives one right and one wrong response. Returns the number of pairs written."""
-    import critique
-    import data
     import rollout
     split = "test" if str(args.data).split(":")[0] == "arith" else args.split
     records = data.load_data(args.data, split=split, limit=args.limit or 100, seed=args.seed)
@@ -691,14 +685,12 @@ def run_eval(args):
                   config=config)
     print(format_result(result))
     if args.out:
-        import data
         data.write_json(args.out, result)
         print(f"[eval] wrote {args.out}")
     return result
 
 
 def build_parser():
-    import data
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--model", default="smollm2-135m", help="alias, HF id, model dir, checkpoint-STEP dir or train.py run dir")
@@ -742,7 +734,6 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    import data
     errors = (EvalError, data.DataError)
     try:
         if args.compare:

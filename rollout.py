@@ -10,14 +10,15 @@ Why not `model.generate`? RL samples many completions of few prompts with the we
 updates every step. The `Sampler` runs the decoder itself:
   - it reads the HF module's parameters in place: no copy, no weight sync, nothing to invalidate;
   - the KV cache is one preallocated tensor per K and V, `(L, B, T, Hkv, D)`, with per-row lengths
-    (`cache_seqlens`), reused across calls (reallocated only when a call needs more); on CPU that shape
+    (`cache_seqlens`), reused across calls (reallocated only when a call needs more, or after `release()`,
+    which a trainer calls before its update); on CPU that shape
     is a view of head-major memory, so attention reads each head's keys contiguously;
   - each distinct prompt is prefilled once and its KV written to its `n` rows (prefix sharing), a
     head common to all prompts of a batch (a system prompt) once for all rows; prompts of different
     lengths share a batch with no padding inside any row: every row's tokens sit at cache positions
     0..len-1 and decode uses per-row positions and an explicit mask;
   - rows that stop are dropped from compute at once: the last live rows move into their cache slots
-    (a copy of the moved rows only), so the decode batch shrinks as rows finish;
+    (a copy of the moved rows only, one layer at a time), so the decode batch shrinks as rows finish;
   - attention is `flash_attn_with_kvcache` on CUDA with flash-attn installed, else SDPA with a mask;
     on CPU a prompt's n rows attend to its (shared) prompt KV in one go, their own tokens apart,
     and the two softmaxes are merged (`Sampler.share_prompts`).
@@ -43,6 +44,9 @@ try:  # optional fast attention on CUDA (requirements-gpu.txt)
 except ImportError as e:  # CPU machines, or CUDA without flash-attn: SDPA with an explicit mask
     flash_attn_with_kvcache = None
     FLASH_ERROR = f"{type(e).__name__}: {e}"  # why not (a missing package, or a build for another torch / CUDA)
+# device types on which the decode calls flash_attn_with_kvcache; the tests add "cpu" with a CPU stand-in
+# for the kernel (tests/flash_stub.py) to run this branch without a GPU
+FLASH_DEVICES = {"cuda"}
 
 # ----------------------------------------------------------------------------- loading
 
@@ -261,16 +265,27 @@ class Sampler:
     def attention_path(self):
         """Which decode attention this sampler runs, in words (a failed flash-attn install shows here)."""
         device, dtype = self.model.lm_head.weight.device, self.compute_dtype
+        if self._use_flash():
+            return f"{device.type.upper()}: flash_attn_with_kvcache"
         if device.type != "cuda":
             kernel = "torch's CPU flash kernel" if _FLASH_CPU else "matmul softmax"
             return f"CPU: SDPA prefill, decode with {kernel}" + (" over shared prompts" if self.share_prompts else "")
         if flash_attn_with_kvcache is None:
             return f"CUDA: SDPA with a mask (flash-attn not importable: {FLASH_ERROR})"
-        if dtype == torch.float32:
-            return "CUDA: SDPA with a mask (flash-attn takes fp16 / bf16 only; sampling in fp32)"
-        return "CUDA: flash_attn_with_kvcache"
+        return f"CUDA: SDPA with a mask (flash-attn takes fp16 / bf16 only; sampling in {dtype})"
+
+    def _use_flash(self):
+        """Whether decode attention is flash_attn_with_kvcache: importable, on a device it runs on, and a
+        dtype it takes (fp16 / bf16)."""
+        return (flash_attn_with_kvcache is not None and self.model.lm_head.weight.device.type in FLASH_DEVICES
+                and self.compute_dtype in (torch.float16, torch.bfloat16))
 
     # -- cache
+    def release(self):
+        """Free the KV cache; the next call allocates it again. A trainer calls this after a step's sampling,
+        so the cache (the largest buffer the sampler owns) does not sit in memory through the update."""
+        self.k_cache = self.v_cache = None
+
     def _ensure_cache(self, batch, length):
         """Allocate (or grow) the cache to hold `batch` rows of `length` tokens. Zero-filled once, so
         masked-out slots never hold NaN (0 * NaN would leak through the softmax-weighted sum)."""
@@ -393,7 +408,7 @@ class Sampler:
         A = tok.shape[0]
         Hkv, G, D = s["n_kv"], s["n_heads"] // s["n_kv"], s["head_dim"]
         slots = torch.arange(A, device=tok.device)
-        use_flash = flash_attn_with_kvcache is not None and tok.is_cuda and self.k_cache.dtype != torch.float32
+        use_flash = self._use_flash()
         if use_flash:
             seqlens32 = seqlens.to(torch.int32)
         else:  # additive masks over the used part of the cache, built once per step
@@ -451,7 +466,7 @@ class Sampler:
         """Bookkeeping for shared-prompt attention over the live slots, or None where it does not
         apply (flash-attn path, one row per prompt, or a sliding window shorter than the rows).
         group (A,): prompt of each live slot; plen (A,): its prompt length."""
-        if group.is_cuda or not self.share_prompts:  # on CUDA: flash-attn, or plain SDPA
+        if group.is_cuda or self._use_flash() or not self.share_prompts:  # CUDA: flash-attn or plain SDPA
             return None
         if any(w is not None and w < T for w in self.spec["windows"]):
             return None
@@ -604,7 +619,8 @@ class Sampler:
                 if holes.numel():
                     used = int(seqlens[movers].max())
                     for cache in (self.k_cache, self.v_cache):
-                        cache[:, holes, :used] = cache[:, movers, :used]
+                        for layer in cache:  # one layer at a time: the gathered temporary is one layer's rows
+                            layer[holes, :used] = layer[movers, :used]
                     for x in (slot_row, seqlens, limit, tok, group, prompt_len):
                         x[holes] = x[movers]
                 slot_row, seqlens, limit, tok = slot_row[:A], seqlens[:A], limit[:A], tok[:A]

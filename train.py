@@ -627,6 +627,7 @@ class Trainer:
         self.lm().eval()  # sampling: eval mode, no grad (the Sampler runs under inference_mode)
         with self.full_weights():  # FSDP / ZeRO-3: one gather for all of the step's sampling
             seqs, gen_tokens = self.rollouts(m)
+        self.sampler.release()  # the KV cache is not kept through the backward; the next rollout reallocates it
         # 6-7. advantages and the update
         t0 = time.perf_counter()
         self.update(seqs, m)

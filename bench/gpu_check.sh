@@ -2,7 +2,8 @@
 # The first run on a CUDA machine, in one go (under 8 minutes on one GPU): `make gpu-check` or
 # `bash bench/gpu_check.sh`. Prints, in order: the GPU and torch build; whether flash-attn imports (and the
 # error if not); the CUDA tests; the sampler benchmark with flash-attn, then with SDPA (flash-attn hidden), each
-# against HF generate; 3 GC-RL steps in bf16 on the built-in model. Paste the output into BENCHMARKS.md.
+# against HF generate, with the decode's achieved bandwidth (GB/s of weights + KV per decode step); 3 GC-RL steps
+# in bf16 on the built-in model. Paste the output into BENCHMARKS.md.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -41,7 +42,7 @@ step "CUDA tests"
 run timeout 240 "$PY" -m pytest tests/test_rollout.py -k cuda -q
 
 step "sampler benchmark: ours (flash-attn if importable) vs HF generate, bf16"
-run timeout 150 "$PY" bench/sampler.py --dtype bf16 --runs 1
+run timeout 150 "$PY" bench/sampler.py --device cuda --dtype bf16 --runs 1
 
 step "sampler benchmark: ours with SDPA (flash-attn hidden) vs HF generate, bf16"
 run timeout 150 "$PY" - <<'PY'
@@ -49,7 +50,7 @@ import runpy, sys
 sys.path.insert(0, ".")
 import rollout
 rollout.flash_attn_with_kvcache, rollout.FLASH_ERROR = None, "hidden by gpu_check.sh"
-sys.argv = ["bench/sampler.py", "--dtype", "bf16", "--runs", "1"]
+sys.argv = ["bench/sampler.py", "--device", "cuda", "--dtype", "bf16", "--runs", "1"]
 runpy.run_path("bench/sampler.py", run_name="__main__")
 PY
 

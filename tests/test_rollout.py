@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import rollout
 from conftest import make_model
@@ -125,6 +126,96 @@ def test_cuda_flash_attn_logprobs_match_full_forward(arch):
     for o in out:
         ref = hf_logprobs(model, PROMPTS[o["prompt_index"]], o["tokens"], temperature=0.7)
         assert (torch.tensor(o["logprobs"]) - ref).abs().max() < 0.15
+
+
+# The flash-attn decode branch on CPU: tests/flash_stub.py stands in for the kernel (its documented semantics
+# and input checks), and rollout.FLASH_DEVICES lets the branch run on CPU tensors.
+# qwen2 gets a sliding window on its second layer here (use_sliding_window + max_window_layers)
+FLASH_EXTRA = {"qwen2": dict(use_sliding_window=True, sliding_window=7, max_window_layers=1)}
+
+
+def flash_on_cpu(monkeypatch):
+    """From here on, the sampler's CPU decode goes through the stand-in kernel; returns its module."""
+    import flash_stub
+    monkeypatch.setattr(rollout, "flash_attn_with_kvcache", flash_stub.flash_attn_with_kvcache)
+    monkeypatch.setattr(rollout, "FLASH_DEVICES", {"cuda", "cpu"})
+    flash_stub.calls.clear()
+    return flash_stub
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_flash_branch_equals_sdpa_in_bf16(arch, monkeypatch):
+    """The decode through flash_attn_with_kvcache (the stand-in) samples what the masked-SDPA decode samples, in
+    bf16, with rows stopping mid-way (live rows move between cache slots) and sliding windows shorter than the
+    rows (mistral: both layers; qwen2, qwen3: the second).
+    Greedy: the same tokens, log-probs within 0.05. The two paths read the same bf16 cache and both compute
+    softmax(q k^T) v to within bf16 rounding of an exact (fp64) result, but not bit-equal: ~0.3% of the
+    attention outputs differ by 1-2 bf16 ulps (2^-8 relative); through two layers and a peaked LM head that
+    moves a log-prob by up to ~0.03 here. A wrong mask, window or cache position moves it by far more. The
+    same noise flips a near-tie now and then (greedy paths part, sampled ones sooner), so the models use a
+    seed whose greedy paths have none; the sampled rows are checked against one full HF forward instead,
+    with the bound the other bf16 tests use."""
+    model = tiny(arch, seed=1, **FLASH_EXTRA.get(arch, {})).to(torch.bfloat16)
+    s = Sampler(model, max_batch=16, max_len=64)
+    s.share_prompts = False  # the plain masked-SDPA decode (the CUDA fallback's attention)
+    free = s.generate(PROMPTS, n=1, max_new_tokens=12, temperature=0)
+    kw = dict(n=2, max_new_tokens=12, temperature=0, stop_ids=[free[0]["tokens"][3], free[2]["tokens"][6]])
+    sdpa = s.generate(PROMPTS, **kw)
+    assert len({o["length"] for o in sdpa}) > 1  # rows did stop at different steps
+    stub = flash_on_cpu(monkeypatch)
+    assert s.attention_path() == "CPU: flash_attn_with_kvcache"
+    flash = s.generate(PROMPTS, **kw)
+    want = {(w - 1, 0) if w else (-1, -1) for w in s.spec["windows"]}
+    assert {c[1] for c in stub.calls} == want  # (6, 0): HF's window of 7 (key j seen from i iff i - j < 7)
+    sizes = {c[0][0] for c in stub.calls}
+    assert len(sizes) > 1 and max(sizes) <= 8  # the decode batch shrank as rows stopped
+    for a, b in zip(sdpa, flash):
+        assert a["tokens"] == b["tokens"] and a["length"] == b["length"]
+        assert (torch.tensor(a["logprobs"]) - torch.tensor(b["logprobs"])).abs().max() < 0.05
+    out = s.generate(PROMPTS, n=3, max_new_tokens=10, temperature=0.7, seed=1, stop_ids=kw["stop_ids"])
+    for o in out:
+        ref = hf_logprobs(model, PROMPTS[o["prompt_index"]], o["tokens"], temperature=0.7)
+        assert (torch.tensor(o["logprobs"]) - ref).abs().max() < 0.15
+
+
+def test_flash_stub_checks_inputs_like_the_kernel():
+    """The stand-in refuses what flash_attn_with_kvcache refuses, and follows its documented masks."""
+    import flash_stub
+    f = flash_stub.flash_attn_with_kvcache
+    B, T, H, Hkv, D = 2, 8, 4, 2, 16
+    q = torch.randn(B, 1, H, D, dtype=torch.bfloat16)
+    kc, vc = torch.zeros(B, T, Hkv, D, dtype=torch.bfloat16), torch.zeros(B, T, Hkv, D, dtype=torch.bfloat16)
+    k, v = torch.randn(B, 1, Hkv, D, dtype=torch.bfloat16), torch.randn(B, 1, Hkv, D, dtype=torch.bfloat16)
+    lens = torch.tensor([3, 5], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="only support fp16 and bf16"):
+        f(q.float(), kc.float(), vc.float(), k=k.float(), v=v.float(), cache_seqlens=lens)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        f(q, kc.half(), vc, k=k, v=v, cache_seqlens=lens)
+    with pytest.raises(RuntimeError, match="int32"):
+        f(q, kc, vc, k=k, v=v, cache_seqlens=lens.long())
+    with pytest.raises(AssertionError, match="contiguous last dimension"):
+        f(q, kc.transpose(-1, -2).contiguous().transpose(-1, -2), vc, k=k, v=v, cache_seqlens=lens)
+    with pytest.raises(RuntimeError, match="contiguous last dimension"):
+        f(q.transpose(-1, -2).contiguous().transpose(-1, -2), kc, vc, k=k, v=v, cache_seqlens=lens)
+    with pytest.raises(RuntimeError, match="must divide"):
+        f(torch.randn(B, 1, 3, D, dtype=torch.bfloat16), kc, vc, k=k, v=v, cache_seqlens=lens)
+    with pytest.raises(RuntimeError, match="shape"):
+        f(q, kc, vc, k=k, v=v, cache_seqlens=lens[:1])
+    with pytest.raises(RuntimeError, match="exceeds"):
+        f(q, kc, vc, k=k, v=v, cache_seqlens=torch.tensor([3, 8], dtype=torch.int32))
+    # new keys land at cache_seqlens; with one query, causal sees the row's keys 0..len; window (1, 0) the last 2
+    o = f(q, kc, vc, k=k, v=v, cache_seqlens=lens, causal=True, window_size=(1, 0))
+    assert torch.equal(kc[0, 3], k[0, 0]) and torch.equal(vc[1, 5], v[1, 0]) and not kc[0, 4:].any()
+    assert o.shape == q.shape and o.dtype == torch.bfloat16
+    # bottom-right causal alignment (2 queries, 2 keys in the cache + 2 new): query i sees keys 0..2 + i
+    q2 = torch.randn(1, 2, H, D, dtype=torch.bfloat16)
+    k2, v2 = torch.randn(1, 2, Hkv, D, dtype=torch.bfloat16), torch.randn(1, 2, Hkv, D, dtype=torch.bfloat16)
+    kc2, vc2 = torch.randn(1, T, Hkv, D, dtype=torch.bfloat16), torch.randn(1, T, Hkv, D, dtype=torch.bfloat16)
+    o2 = f(q2, kc2, vc2, k=k2, v=v2, cache_seqlens=torch.tensor([2], dtype=torch.int32), causal=True)
+    ref = F.scaled_dot_product_attention(q2.float().transpose(1, 2), kc2[:, :4].float().transpose(1, 2),
+                                         vc2[:, :4].float().transpose(1, 2), enable_gqa=True,
+                                         attn_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool))
+    assert (o2.float() - ref.transpose(1, 2)).abs().max() < 0.02
 
 
 def test_greedy_logprobs_are_at_temperature_one():

@@ -48,6 +48,9 @@ class ScriptedSampler:
         self.model, self.tok = model, make_tokenizer()
         self.stats = {}
 
+    def release(self):  # no KV cache to free
+        pass
+
     def text(self, prompt, j):
         h = zlib.crc32(bytes(str(prompt), "utf-8")) + j
         p = self.tok.decode(prompt)
@@ -291,15 +294,61 @@ def test_bf16_training_samples_in_bf16(monkeypatch, tiny_dir, qspec, tmp_path, f
         def __init__(self, *args, **kw):
             super().__init__(*args, **kw)
             made.append(self)
+            self.cache_dtypes = []
+
+        def release(self):  # the cache is freed after each step's sampling: note its dtype first
+            self.cache_dtypes.append(self.k_cache.dtype)
+            super().release()
 
     monkeypatch.setattr(rollout, "Sampler", Recording)
     out = tmp_path / flag
     train.main(base_args(tiny_dir, qspec, out, **{"--mode": "g", "--mixed-precision": "bf16",
                                                   "--sampler-dtype": flag, "--max-completion-length": 8}))
     (s,) = made
-    assert s.k_cache.dtype == want and s.model.lm_head.weight.dtype == torch.float32
+    assert s.cache_dtypes == [want] and s.model.lm_head.weight.dtype == torch.float32
     (row,) = metrics(out)
     assert row["len/response"] > 0 and math.isfinite(row["reward/response"])
+
+
+def test_kv_cache_is_freed_before_the_update(monkeypatch, tiny_dir, qspec, tmp_path):
+    """The sampler's KV cache is freed after each step's sampling (none while the update runs) and allocated
+    again by the next step's first rollout, which then samples exactly what a kept cache samples."""
+    base, update = rollout.Sampler, train.Trainer.update
+
+    def run(out, keep):
+        made, samples, during_update = [], [], []
+
+        class Recording(base):
+            def __init__(self, *args, **kw):
+                super().__init__(*args, **kw)
+                made.append(self)
+
+            def generate(self, *args, **kw):
+                res = super().generate(*args, **kw)
+                samples.append([(o["tokens"], o["logprobs"]) for o in res])
+                return res
+
+            def release(self):
+                if not keep:
+                    super().release()
+
+        def recording_update(self, seqs, m):
+            during_update.append(self.sampler.k_cache is None)
+            return update(self, seqs, m)
+
+        monkeypatch.setattr(rollout, "Sampler", Recording)
+        monkeypatch.setattr(train.Trainer, "update", recording_update)
+        train.main(base_args(tiny_dir, qspec, out, **{"--mode": "gc", "--max-completion-length": 8,
+                                                      "--max-critique-length": 8, "--max-steps": 2}))
+        return made[0], samples, during_update
+
+    hash_rewards(monkeypatch)
+    s, freed, during = run(tmp_path / "freed", keep=False)
+    assert during == [True, True] and s.k_cache is None and s.v_cache is None
+    _, kept, during_kept = run(tmp_path / "kept", keep=True)
+    assert during_kept == [False, False]
+    assert len(freed) >= 3 and freed == kept  # step 2 sampled (from a new cache) exactly as from the kept one
+    assert any("loss" in r for r in metrics(tmp_path / "freed"))  # step 1 did update the weights step 2 samples
 
 
 def test_resume_continues_exactly(monkeypatch, tiny_dir, qspec, tmp_path):
