@@ -408,7 +408,7 @@ class Sampler:
         A = tok.shape[0]
         Hkv, G, D = s["n_kv"], s["n_heads"] // s["n_kv"], s["head_dim"]
         slots = torch.arange(A, device=tok.device)
-        use_flash = self._use_flash()
+        use_flash = self.flash
         if use_flash:
             seqlens32 = seqlens.to(torch.int32)
         else:  # additive masks over the used part of the cache, built once per step
@@ -466,7 +466,7 @@ class Sampler:
         """Bookkeeping for shared-prompt attention over the live slots, or None where it does not
         apply (flash-attn path, one row per prompt, or a sliding window shorter than the rows).
         group (A,): prompt of each live slot; plen (A,): its prompt length."""
-        if group.is_cuda or self._use_flash() or not self.share_prompts:  # CUDA: flash-attn or plain SDPA
+        if group.is_cuda or self.flash or not self.share_prompts:  # CUDA: flash-attn or plain SDPA
             return None
         if any(w is not None and w < T for w in self.spec["windows"]):
             return None
@@ -544,6 +544,7 @@ class Sampler:
         gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
         stop = torch.tensor(sorted(set(stop_ids or [])), dtype=torch.long, device=device)
         self.stats = dict(prefill_s=0.0, decode_s=0.0, tokens=0, rows=len(prompts) * n)
+        self.flash = self._use_flash()  # decided once per call, not per decode step
         if not self._told and os.environ.get("RANK", "0") == "0":  # once, on one rank
             print(f"[gcrl] sampler attention: {self.attention_path()}", file=sys.stderr)
             self._told = True

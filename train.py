@@ -821,13 +821,10 @@ class Trainer:
         calls) of similar token counts: the packed rows (a group never split) sorted by length and cut into runs
         of about equal tokens, so each holds a share of the activations and little padding."""
         G = self.args.grad_accum
-        rows = sorted(pack(seqs, self.share_prompts), key=lambda r: row_length(seqs, r))
-        sizes = [row_length(seqs, r) for r in rows]
-        total, out, run, acc_tok = sum(sizes), [[] for _ in range(G)], 0, 0
-        for row, n in zip(rows, sizes):
-            # a row goes to the run its middle token falls in
-            run = min(G - 1, int((acc_tok + n / 2) * G / max(total, 1)))
-            out[run] += [seqs[i] for i in row]
+        rows = sorted(((row_length(seqs, r), r) for r in pack(seqs, self.share_prompts)), key=lambda x: x[0])
+        total, out, acc_tok = sum(n for n, _ in rows), [[] for _ in range(G)], 0
+        for n, row in rows:  # a row goes to the run its middle token falls in
+            out[min(G - 1, int((acc_tok + n / 2) * G / max(total, 1)))] += [seqs[i] for i in row]
             acc_tok += n
         return out
 
@@ -836,22 +833,22 @@ class Trainer:
         --logprob-batch sequences per forward: a list of (len(tokens),) tensors. Under FSDP / ZeRO-3 the trained
         model's forward is a collective (it gathers each layer), so every rank runs as many forwards as the
         busiest one, the extra ones on collate's zero-weight dummy row."""
-        out, bs, pieces, piece = [], max(1, self.args.logprob_batch), [], []
-        rows = pack(seqs, self.share_prompts)
-        for r, row in enumerate(rows):
-            piece += [seqs[i] for i in row]
-            if r + 1 == len(rows) or len(piece) + len(rows[r + 1]) > bs:
-                pieces.append(piece)
-                piece = []
+        bs, pieces = max(1, self.args.logprob_batch), [[]]  # pieces: lists of positions in seqs
+        for row in pack(seqs, self.share_prompts):
+            if pieces[-1] and len(pieces[-1]) + len(row) > bs:
+                pieces.append([])
+            pieces[-1] += row
+        pieces = [p for p in pieces if p]
         if self.sharding and policy is not self.ref:  # the reference model is a plain module on every rank
             n = self.acc.gather(torch.tensor([len(pieces)], device=self.acc.device)) if self.world > 1 else [0]
             pieces += [[] for _ in range(int(max(n)) - len(pieces))]
+        out = [None] * len(seqs)
         for piece in pieces:
-            inputs, _ = self.collate(piece)
+            inputs, _ = self.collate([seqs[i] for i in piece])
             logp, _ = policy(**inputs, temperature=self.temperature)
-            out += [(s, logp[n, :len(s["tokens"])]) for n, s in enumerate(piece)]
-        by_id = {id(s): lp for s, lp in out}
-        return [by_id[id(s)] for s in seqs]
+            for r, i in enumerate(piece):
+                out[i] = logp[r, :len(seqs[i]["tokens"])]
+        return out
 
     # -- one SFT step
     def sft_step(self):
