@@ -1,23 +1,13 @@
-"""Second-order rollout (arXiv 2602.22765, §3 and Figure 2; setup §4): the policy critiques its own answers.
+"""Second-order rollout (arXiv 2602.22765 §3, Figure 2; setup §4): the policy critiques its own answers.
 
     pairs = pairs_from_rollout(samples, records, rewards, rng)  # label-balance filter: 1 right + 1 wrong / question
     cache.push(pairs)                                           # QRCache: always exactly 1:1 right:wrong
     crits = second_order_rollout(sampler, tok, cache.pop(P), m) # m critiques per pair, rewards of Eq. 2 (+ Eq. 4)
 
-What is here, top to bottom:
-  - critique / refinement prompts (CFT style, the paper's Figure 6 fields). The critic sees the question and the
-    response, never the reference answer: the prompt functions do not take one.
-  - `QRCache`, the question-response data cache with the paper's 1:1 label balance.
-  - `pairs_from_rollout` and `second_order_rollout`, including denoising by self-correction (Eq. 4).
-  - static pairs for C-RL (the paper's C-RL baseline, §4: 10 responses per question sampled once from the
-    starting policy).
-  - cold-start data (the paper's cold start, §4, distils critiques from GPT-5): for the built-in `arith` task a
-    program is the teacher instead.
-  - `load_critique_data`: critique evaluation sets (`gsm8k-solutions:PATH.jsonl`, `jsonl:PATH`).
-
-Deliberately not done: refinement tokens are never trained (the paper uses them for the reward only), and the
-critique's intermediate steps are not verified (outcome reward, as in the paper). `rollout` (and so torch) is
-imported only by the functions that sample, so prompts, cache and data files work without it.
+Also: critique / refinement prompts (CFT style, the paper's Figure 6 fields; never the reference answer), C-RL's
+static pairs (§4), cold-start data (§4 distils GPT-5 critiques; for `arith` a program is the teacher) and critique
+evaluation sets. As in the paper, refinement tokens are never trained and a critique's steps are not verified
+(outcome reward). `rollout` (so torch) is imported only by the functions that sample.
 """
 import random
 import re
@@ -29,7 +19,7 @@ from data import DataError, chat_ids, read_jsonl, require_field, write_jsonl
 
 # ----------------------------------------------------------------------------- prompts
 
-# Named critique prompts; a template may use {question} and {response} only (there is no {answer} on purpose).
+# Named critique prompts; a template may use {question} and {response} only (no {answer}, on purpose).
 CRITIQUE_TEMPLATES = {
     # the fields of the paper's cold-start distillation prompt (Figure 6)
     "default": ("#Question#:\n{question}\n\n#Solution#:\n{response}\n\n#Instruction#:\n"
@@ -40,15 +30,13 @@ CRITIQUE_TEMPLATES = {
     "cft": ("Please critique whether the following solution to the question is correct.\n\n"
             "Question:\n{question}\n\nSolution:\n{response}\n\n"
             "As an expert, explain briefly whether the student's answer is correct, then conclude with "
-            "\"Conclusion: right [END]\" or \"Conclusion: wrong [END]\"."),
-}
+            "\"Conclusion: right [END]\" or \"Conclusion: wrong [END]\".")}
 
 # Self-correction prompt for denoising (Eq. 4); the paper prints none. {question} {response} {critique}.
 REFINE_TEMPLATES = {
     "default": ("#Question#:\n{question}\n\n#Solution#:\n{response}\n\n#Critique#:\n{critique}\n\n#Instruction#:\n"
                 "If the critique found an error, write a corrected solution step by step. If it found none, "
-                "restate the solution. Give the final answer as \\boxed{{number}}."),
-}
+                "restate the solution. Give the final answer as \\boxed{{number}}.")}
 
 
 def _fill(templates, template, what, **fields):
@@ -64,19 +52,16 @@ def _fill(templates, template, what, **fields):
 
 
 def critique_prompt(tokenizer, question, response, template=None):
-    """Token ids of the critique prompt for one <question, response> (chat template via data.chat_ids).
-    `template`: a name in CRITIQUE_TEMPLATES or a format string with {question} and {response}."""
+    """Token ids of the critique prompt; `template`: a CRITIQUE_TEMPLATES name or a format string."""
     return chat_ids(tokenizer, critique_text(question, response, template))
 
 
-def critique_text(question, response, template=None):
-    """The critique prompt's user text (before the chat template)."""
+def critique_text(question, response, template=None):  # the user turn, before the chat template
     return _fill(CRITIQUE_TEMPLATES, template, "critique", question=question.strip(), response=response.strip())
 
 
 def refine_prompt(tokenizer, question, response, critique, template=None):
-    """Token ids of the self-correction prompt (Eq. 4): revise the solution if the critique found an error,
-    else restate it, final answer in \\boxed{}."""
+    """Token ids of the self-correction prompt (Eq. 4): fix the solution if the critique found an error."""
     return chat_ids(tokenizer, _fill(REFINE_TEMPLATES, template, "refine", question=question.strip(),
                                      response=response.strip(), critique=critique.strip()))
 
@@ -84,63 +69,45 @@ def refine_prompt(tokenizer, question, response, critique, template=None):
 # ----------------------------------------------------------------------------- the question-response cache
 
 class QRCache:
-    """The question-response data cache (the paper's Figure 2, §3): <question, response, label> pairs that
-    passed the label-balance filter, sampled without replacement for second-order rollout.
-
-    Invariant: it always holds exactly as many right as wrong pairs.
-      - `push` takes balanced lists only (the filter's output: one right + one wrong per question).
-      - `pop(k)` returns k//2 right and k//2 wrong pairs, each drawn at random (own seeded random.Random)
-        among those held, interleaved right, wrong, right, ...; an odd k gives k-1 pairs, and when fewer
-        are held it returns all of them.
-      - over `capacity` pairs, the oldest right and the oldest wrong pair are evicted together (oldest-first
-        by push order), so the effective capacity is the even number <= capacity.
-    Right and wrong pairs drawn together need not share a question (pops are random within each label).
-    balanced=False (the ablation `--pair-filter random`, the paper's Table 2 "random sampling"): any pairs are
-    taken, `pop(k)` draws k uniformly among all held, eviction is oldest-first; nothing keeps the labels 1:1.
-    `state_dict()` is JSON-serialisable (pairs, counters and the rng state) for checkpoints."""
+    """The question-response data cache (§3, Figure 2): <question, response, label> pairs that passed the label-
+    balance filter, sampled without replacement for second-order rollout. Always as many right as wrong: `push`
+    takes balanced lists only; `pop(k)` returns k//2 right and k//2 wrong (fewer if fewer are held), drawn at
+    random, interleaved right, wrong, ...; over `capacity` the oldest right and oldest wrong pair go together.
+    balanced=False (`--pair-filter random`, Table 2's "random sampling"): any pairs, in one pool (`right`),
+    `pop(k)` draws k among all, oldest-first eviction. `state_dict()` is JSON-serialisable."""
 
     def __init__(self, capacity=4096, seed=0, balanced=True):
         if capacity < 2:
             raise ValueError(f"QRCache capacity must be >= 2, got {capacity}")
-        self.capacity, self.balanced = int(capacity), bool(balanced)
-        self.rng = random.Random(seed)
-        self.right, self.wrong = [], []  # each in push order: index 0 is the oldest (balanced=False: all in right)
+        self.capacity, self.balanced, self.rng = int(capacity), bool(balanced), random.Random(seed)
+        self.right, self.wrong = [], []  # in push order, oldest first (balanced=False: all in right)
         self.pushed = self.popped = self.evicted = 0
 
     def __len__(self):
         return len(self.right) + len(self.wrong)
 
-    def push(self, pairs):
-        """Add balanced pairs (dicts with question, response, label: bool, answer)."""
+    def push(self, pairs):  # dicts {question, response, label: bool, answer}
         pairs = list(pairs)
-        if not self.balanced:  # one pool in push order
-            self.right += pairs
-            self.pushed += len(pairs)
-            self.evicted += max(len(self.right) - self.capacity, 0)
-            del self.right[:max(len(self.right) - self.capacity, 0)]
-            return
-        right = [p for p in pairs if p["label"]]
-        wrong = [p for p in pairs if not p["label"]]
-        if len(right) != len(wrong):
+        right = [p for p in pairs if not self.balanced or p["label"]]
+        wrong = [p for p in pairs if self.balanced and not p["label"]]
+        if self.balanced and len(right) != len(wrong):
             raise ValueError(f"QRCache.push needs as many right as wrong pairs (the balance filter's output); "
                              f"got {len(right)} right, {len(wrong)} wrong")
         self.right += right
         self.wrong += wrong
         self.pushed += len(pairs)
-        while len(self) > self.capacity:
-            self.right.pop(0)
-            self.wrong.pop(0)
-            self.evicted += 2
+        while len(self) > self.capacity:  # evict the oldest pair of each pool (balanced: one right, one wrong)
+            for pool in (p for p in (self.right, self.wrong) if p):
+                pool.pop(0)
+                self.evicted += 1
 
     def _take(self, pool, k):
         idx = self.rng.sample(range(len(pool)), k)  # random order, no repeats
-        chosen = [pool[i] for i in idx]
-        gone = set(idx)
+        chosen, gone = [pool[i] for i in idx], set(idx)
         pool[:] = [p for i, p in enumerate(pool) if i not in gone]  # keeps push order for eviction
         return chosen
 
     def pop(self, k):
-        """Remove and return up to k pairs: k//2 right and k//2 wrong, interleaved (balanced=False: k at random)."""
         if not self.balanced:
             chosen = self._take(self.right, min(max(int(k), 0), len(self.right)))
             self.popped += len(chosen)
@@ -150,15 +117,10 @@ class QRCache:
         self.popped += 2 * h
         return [p for rw in zip(right, wrong) for p in rw]
 
-    def stats(self):
-        return dict(size=len(self), n_right=len(self.right), n_wrong=len(self.wrong), pushed=self.pushed,
-                    popped=self.popped, evicted=self.evicted)
-
     def state_dict(self):
         version, internal, gauss = self.rng.getstate()
         return dict(capacity=self.capacity, balanced=self.balanced, right=list(self.right), wrong=list(self.wrong),
-                    rng=[version, list(internal), gauss], pushed=self.pushed, popped=self.popped,
-                    evicted=self.evicted)
+                    rng=[version, list(internal), gauss], pushed=self.pushed, popped=self.popped, evicted=self.evicted)
 
     def load_state_dict(self, state):
         self.capacity, self.balanced = int(state["capacity"]), bool(state.get("balanced", True))
@@ -176,57 +138,43 @@ PAIR_FILTERS = ("balance", "random")
 
 
 def pairs_from_rollout(samples, records, rewards, rng, pair_filter="balance"):
-    """First-order samples (rollout.first_order_rollout) and their Eq. 1 rewards -> pairs
-    {question, response, label, answer, id}. balance: reward.balance, one right + one wrong per mixed question
-    (the paper's filter). random (Table 2's "random sampling"): as many per question (two), drawn uniformly
-    among all of its responses, uniform questions included, so only the label balance differs."""
+    """First-order samples (rollout.first_order_rollout) and their Eq. 1 rewards -> pairs {question, response,
+    label, answer, id}. balance: reward.balance, the paper's filter. random (Table 2's "random sampling"): two
+    per question too, drawn uniformly among its responses, uniform questions included: only the balance differs."""
     if len(samples) != len(rewards):
         raise ValueError(f"{len(samples)} samples but {len(rewards)} rewards")
-    order, groups = [], {}  # q_index -> sample indices, in first-seen order
-    for i, s in enumerate(samples):
-        if s["q_index"] not in groups:
-            order.append(s["q_index"])
-            groups[s["q_index"]] = []
-        groups[s["q_index"]].append(i)
     if pair_filter not in PAIR_FILTERS:
         raise ValueError(f"unknown pair filter {pair_filter!r}; valid: {', '.join(PAIR_FILTERS)}")
-    scores = [[rewards[i] for i in groups[q]] for q in order]
-    if pair_filter == "balance":
-        chosen = reward.balance(scores, rng)
-    else:
-        chosen = [(gi, ri, g[ri] > 0.5) for gi, g in enumerate(scores) for ri in rng.sample(range(len(g)), min(2, len(g)))]
+    by_q = {}  # q_index -> its sample indices, in first-seen order
+    for i, s in enumerate(samples):
+        by_q.setdefault(s["q_index"], []).append(i)
+    qs, idx = list(by_q), list(by_q.values())
+    scores = [[rewards[i] for i in ix] for ix in idx]
+    chosen = (reward.balance(scores, rng) if pair_filter == "balance" else
+              [(gi, ri, g[ri] > 0.5) for gi, g in enumerate(scores)
+               for ri in rng.sample(range(len(g)), min(2, len(g)))])
     pairs = []
     for gi, ri, label in chosen:
-        q = order[gi]
-        rec = records[q]
-        pairs.append(dict(question=rec["question"], response=samples[groups[q][ri]]["text"], label=bool(label),
+        rec = records[qs[gi]]
+        pairs.append(dict(question=rec["question"], response=samples[idx[gi][ri]]["text"], label=bool(label),
                           answer=str(rec["answer"]), id=f"{rec['id']}#r{ri}"))
     return pairs
 
 
-def _stop_ids(tokenizer, stop_ids):
-    if stop_ids is not None:
-        return stop_ids
-    from rollout import default_stop_ids
-    return default_stop_ids(tokenizer)
-
-
 def second_order_rollout(sampler, tokenizer, pairs, m, scheme="plain", p_correct=None, k_ref=0, stop_ids=None,
                          template=None, refine_template=None, **gen_kwargs):
-    """Sample `m` critiques of each pair with the policy's Sampler (one `generate` call, prompt-major) and score
-    them. One dict per critique: {pair_index, group (= pair_index), pair_id, prompt_ids, tokens, logprobs, text,
-    verdict, reward, bonus, truncated, length, label}.
-
-    reward = reward.critique_reward(verdict, label, scheme, p_correct) + bonus. With k_ref > 0 (denoising,
-    Eq. 4) the policy writes k_ref refinements of the response given each critique (one more batched call,
-    same gen_kwargs, seed + 1), verified against the pair's gold answer; bonus = reward.denoise_bonus(verdict,
-    k, k_ref) and `refine_correct` = k. Critiques without a verdict get no refinements (Eq. 4 gives them 0).
-    Refinement tokens are not returned for training: the paper uses them for the reward only."""
+    """`m` critiques of each pair from the policy's Sampler (one `generate` call, prompt-major), scored: one dict
+    per critique {pair_index, group (= pair_index), pair_id, prompt_ids, tokens, logprobs, text, verdict, reward,
+    bonus, truncated, length, label}, reward = reward.critique_reward(verdict, label, scheme, p_correct) + bonus.
+    k_ref > 0 (denoising, Eq. 4): k_ref refinements per critique with a verdict (one more call, seed + 1), checked
+    against the pair's gold: bonus = reward.denoise_bonus(verdict, k, k_ref), `refine_correct` = k."""
     if not pairs:
         return []
     if k_ref > 0 and any(p.get("answer") is None for p in pairs):
         raise ValueError("denoising (k_ref > 0) needs every pair's gold 'answer' to verify refinements")
-    stop_ids = _stop_ids(tokenizer, stop_ids)
+    if stop_ids is None:
+        from rollout import default_stop_ids
+        stop_ids = default_stop_ids(tokenizer)
     prompts = [critique_prompt(tokenizer, p["question"], p["response"], template) for p in pairs]
     outs = sampler.generate(prompts, n=m, stop_ids=stop_ids, **gen_kwargs)
     if len(outs) != len(pairs) * m:
@@ -247,17 +195,15 @@ def second_order_rollout(sampler, tokenizer, pairs, m, scheme="plain", p_correct
             ref_prompts = [refine_prompt(tokenizer, pairs[c["pair_index"]]["question"],
                                          pairs[c["pair_index"]]["response"], c["text"], refine_template)
                            for c in todo]
-            kw = dict(gen_kwargs)
-            if kw.get("seed") is not None:
-                kw["seed"] = kw["seed"] + 1  # a different stream from the critiques'
+            seed = gen_kwargs.get("seed")  # + 1: a different stream from the critiques'
+            kw = dict(gen_kwargs, **({} if seed is None else {"seed": seed + 1}))
             refs = sampler.generate(ref_prompts, n=k_ref, stop_ids=stop_ids, **kw)
-            k = [0] * len(todo)
+            for c in todo:
+                c["refine_correct"] = 0
             for r in refs:
                 c = todo[r["prompt_index"]]
-                text = tokenizer.decode(r["tokens"], skip_special_tokens=True)
-                k[r["prompt_index"]] += reward.is_correct(text, pairs[c["pair_index"]]["answer"])
-            for c, kc in zip(todo, k):
-                c["refine_correct"] = kc
+                c["refine_correct"] += reward.is_correct(tokenizer.decode(r["tokens"], skip_special_tokens=True),
+                                                         pairs[c["pair_index"]]["answer"])
         for c in crits:
             c["bonus"] = reward.denoise_bonus(c["verdict"], c.get("refine_correct", 0), k_ref)
             c["reward"] += c["bonus"]
@@ -267,8 +213,7 @@ def second_order_rollout(sampler, tokenizer, pairs, m, scheme="plain", p_correct
 # ----------------------------------------------------------------------------- static pairs (C-RL)
 
 def build_static_pairs(sampler, tokenizer, records, k=10, seed=0, **gen):
-    """C-RL's static pair set (the paper's C-RL baseline, §4): k responses per question sampled once from the
-    (starting) policy, scored with Eq. 1, then the balance filter (one right + one wrong per mixed question)."""
+    """C-RL's static pairs (§4): k responses per question sampled once from the starting policy, balance-filtered."""
     from rollout import first_order_rollout
     gen.setdefault("seed", seed)
     samples = first_order_rollout(sampler, tokenizer, records, k, **gen)
@@ -279,17 +224,14 @@ def build_static_pairs(sampler, tokenizer, records, k=10, seed=0, **gen):
     return pairs
 
 
-def save_pairs(path, pairs):
-    """Write pairs as jsonl, atomically (data.write_jsonl); load_pairs reads them back."""
-    write_jsonl(path, pairs)
+save_pairs = write_jsonl  # pairs as jsonl, atomically; load_pairs reads them back (train.py, eval.py use it)
 
 
 _LABELS = {"right": True, "correct": True, "true": True, "1": True,
            "wrong": False, "incorrect": False, "false": False, "0": False}
 
 
-def _pair(row, where, default_id):
-    """One jsonl row -> a pair; DataError naming `where` for a bad row."""
+def _pair(row, where, default_id):  # one jsonl row -> a pair, or a DataError naming `where`
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     for key in ("question", "response"):
@@ -304,8 +246,7 @@ def _pair(row, where, default_id):
 
 
 def load_pairs(path):
-    """Pairs from a jsonl of {question, response, label[, answer, id]}; a bad row is a DataError naming the
-    file and row."""
+    """Pairs from a jsonl of {question, response, label[, answer, id]}; DataError naming file and row."""
     return [_pair(row, f"{path} row {i}", f"{Path(path).stem}-{i}")
             for i, row in enumerate(read_jsonl(path, "pairs"), 1)]
 
@@ -317,13 +258,7 @@ _OPS = {"+": "+", "-": "-", "*": "*", "x": "*", "×": "*", "/": "/", "÷": "/"}
 
 
 def _apply(a, op, b):
-    if op == "+":
-        return a + b
-    if op == "-":
-        return a - b
-    if op == "*":
-        return a * b
-    return a / b if b else None
+    return a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else (a / b if b else None)
 
 
 def _num(x):
@@ -334,8 +269,7 @@ def _eq(a, op, b, c=None):
     return f"{_num(a)} {op} {_num(b)}" + ("" if c is None else f" = {_num(c)}")
 
 
-def _equations(text):
-    """Every `a op b = c` in the text, in order, as (a, op, b, c) Fractions with op in + - * /."""
+def _equations(text):  # every `a op b = c` in the text, as (a, op, b, c) Fractions, op in + - * /
     return [(Fraction(a), _OPS[op], Fraction(b), Fraction(c)) for a, op, b, c in _EQ.findall(text)]
 
 
@@ -350,21 +284,13 @@ def _reference(record, where="record"):
 
 
 def teacher_critique(record, response_text):
-    """A step-by-step critique of `response_text` written by a program that knows the arith record's steps.
-
-    It redoes the reference computation step by step, compares each step with the response's own `a op b = c`
-    lines where it can (an arithmetic slip, or right arithmetic on the wrong numbers when the response has as
-    many steps as the reference), points out the first wrong step, compares final answers and ends with
-    `Conclusion: right [END]` or `Conclusion: wrong [END]`. The verdict is reward.is_correct(response, gold),
-    so it always agrees with the label the reward uses."""
-    ref = _reference(record)
-    gold = str(record["answer"])
-    ok = reward.is_correct(response_text, gold)
-    got = reward.extract_answer(response_text)
-    eqs = _equations(response_text)
-    aligned = len(eqs) == len(ref)
-    lines = ["Let me solve the problem myself and check the solution step by step."]
-    flagged = False
+    """A program's step-by-step critique of `response_text` for an arith record: it redoes each reference step,
+    compares it with the response's own `a op b = c` lines (an arithmetic slip, or right arithmetic on wrong
+    numbers when the step counts agree), points out the first wrong step, compares final answers and ends with
+    `Conclusion: right/wrong [END]`, the verdict of reward.is_correct(response, gold): it agrees with the label."""
+    ref, gold, eqs = _reference(record), str(record["answer"]), _equations(response_text)
+    ok, got = reward.is_correct(response_text, gold), reward.extract_answer(response_text)
+    lines, flagged = ["Let me solve the problem myself and check the solution step by step."], False
     for i, (a, op, b, c) in enumerate(ref):
         line = f"Step {i + 1}: {_eq(a, op, b, c)}."
         if i < len(eqs) and not flagged:
@@ -379,18 +305,15 @@ def teacher_critique(record, response_text):
                     flagged = True
             elif ec == c:
                 line += " The solution has the same result here."
-            elif aligned and not ok:  # right arithmetic on the wrong numbers
+            elif len(eqs) == len(ref) and not ok:  # right arithmetic on the wrong numbers
                 line += (f" The solution computes {_eq(ea, eop, eb, ec)} instead, which does not follow from the "
                          f"question. This step is wrong.")
                 flagged = True
         lines.append(line)
-    if got is None:
-        lines.append(f"The correct answer is {gold}, but the solution gives no final answer.")
-    else:
-        lines.append(f"The correct answer is {gold}. The solution's final answer is {got}, which "
-                     + ("matches." if ok else "does not match."))
-    lines.append(f"Conclusion: {'right' if ok else 'wrong'} [END]")
-    return "\n".join(lines)
+    lines.append(f"The correct answer is {gold}, but the solution gives no final answer." if got is None else
+                 f"The correct answer is {gold}. The solution's final answer is {got}, which "
+                 + ("matches." if ok else "does not match."))
+    return "\n".join(lines + [f"Conclusion: {'right' if ok else 'wrong'} [END]"])
 
 
 def _render(steps, final, style, record):
@@ -402,9 +325,9 @@ def _render(steps, final, style, record):
         last = re.sub(rf"\bhas {re.escape(str(record['answer']))} ", f"has {final} ", last)
         return "\n".join([f"Step {i + 1}: {e}." for i, e in enumerate(eqs)] + [last])
     if style == "prose":
-        words = ["First", "Next", "Then", "After that"]
         body = ([f"We compute {eqs[0]}."] if len(eqs) == 1 else
-                [f"{words[min(i, 3)] if i < len(eqs) - 1 else 'Finally'}, {e}." for i, e in enumerate(eqs)])
+                [f"{('First', 'Next', 'Then', 'After that')[min(i, 3)] if i < len(eqs) - 1 else 'Finally'}, {e}."
+                 for i, e in enumerate(eqs)])
         return "\n".join(body + [f"So the answer is \\boxed{{{final}}}."])
     return "\n".join(eqs + [f"Answer: \\boxed{{{final}}}"])  # compact
 
@@ -423,13 +346,9 @@ def _corrupt(ref, rng, kind):
         steps = [list(s) for s in ref]
         a, op, b, c = steps[j]
         d = rng.choice([-10, -3, -2, -1, 1, 2, 3, 10])
-        if kind == "arith":
-            steps[j][3] = c + d
-        else:  # operand
-            if b + d < 1:
-                continue
-            steps[j][2] = b + d
-            steps[j][3] = _apply(a, op, b + d)
+        if kind != "arith" and b + d < 1:
+            continue
+        steps[j][2:] = [b, c + d] if kind == "arith" else [b + d, _apply(a, op, b + d)]  # else: operand
         for i in range(j + 1, len(steps)):
             steps[i][0] = steps[i - 1][3]
             steps[i][3] = _apply(*steps[i][:3])
@@ -443,71 +362,54 @@ def _corrupt(ref, rng, kind):
 
 
 def synth_response(record, rng, right=True, kind=None, style=None):
-    """A synthetic response to an arith record: right (the program solution in one of STYLES) or wrong
-    (kind in WRONG_KINDS, random when None)."""
+    """A synthetic response to an arith record: right (program solution, one of STYLES) or wrong (WRONG_KINDS)."""
     ref = _reference(record)
     style = style or rng.choice(STYLES)
-    if right:
-        return _render(ref, _num(ref[-1][3]), style, record)
-    steps, final = _corrupt(ref, rng, kind or rng.choice(WRONG_KINDS))
+    steps, final = (ref, _num(ref[-1][3])) if right else _corrupt(ref, rng, kind or rng.choice(WRONG_KINDS))
     return _render(steps, final, style, record)
 
 
 def cold_start_data(records, out_path, responses=None, seed=0, n_wrong=1, generation=True):
-    """Write the SFT cold-start jsonl (the {question, response, critique?} rows `train.py --mode sft` reads):
-      - critique rows {question, response, critique, label}: teacher_critique of each response, label from
-        reward.is_correct; the file has exactly as many right as wrong critique rows;
-      - generation rows {question, response} with the program solution (`generation=False` leaves them out),
-        so one file teaches the answer format and the critique format.
-    Responses to critique: `responses[i]` (a list of texts, or one text, sampled by the policy for records[i])
-    when given; the scarcer label is then topped up with synthetic responses. Without `responses`, each record
-    gets `n_wrong` synthetic wrong responses (a corrupted step with the error carried, or a wrong final number)
-    and as many right ones (the program solution in paraphrased styles). Rows are shuffled (seeded).
-    Returns counts {path, n_critique, n_right, n_wrong, n_generation, n_policy}."""
+    """Write the SFT cold-start jsonl (`train.py --mode sft`), shuffled (seeded): critique rows {question, response,
+    critique, label} (teacher_critique; label by reward.is_correct), as many right as wrong, and unless
+    generation=False rows {question, response} with the program solution: one file teaches both formats. Responses:
+    `responses[i]` (policy samples for records[i], a list or a text), the scarcer label topped up with synthetic
+    ones; else `n_wrong` synthetic right and wrong ones per record. Returns {path, n_critique, n_right, n_wrong,
+    n_generation, n_policy}."""
     rng = random.Random(seed)
     if responses is not None and len(responses) != len(records):
         raise ValueError(f"responses has {len(responses)} entries for {len(records)} records")
     for i, rec in enumerate(records):
         _reference(rec, f"cold_start_data record {i} ({rec.get('id')})")
-    items = []  # (record index, response text)
-    if responses is not None:
-        for i, rs in enumerate(responses):
-            items += [(i, r) for r in ([rs] if isinstance(rs, str) else rs)]
-    n_policy = len(items)
-    crit = [(i, r, reward.is_correct(r, records[i]["answer"])) for i, r in items]
+    items = [(i, r) for i, rs in enumerate(responses or []) for r in ([rs] if isinstance(rs, str) else rs)]
+    crit = [(i, r, reward.is_correct(r, records[i]["answer"])) for i, r in items]  # (record index, text, label)
     if responses is None:
-        for i, rec in enumerate(records):
-            for _ in range(n_wrong):
-                crit.append((i, synth_response(rec, rng, right=True), True))
-                crit.append((i, synth_response(rec, rng, right=False), False))
+        crit += [(i, synth_response(rec, rng, right=lab), lab)
+                 for i, rec in enumerate(records) for _ in range(n_wrong) for lab in (True, False)]
     n_right = sum(lab for _, _, lab in crit)
-    short, need = (True, len(crit) - 2 * n_right) if 2 * n_right < len(crit) else (False, 2 * n_right - len(crit))
+    short, need = 2 * n_right < len(crit), abs(len(crit) - 2 * n_right)  # the scarcer label, how many more of it
     order = list(range(len(records)))
     rng.shuffle(order)
-    for j in range(need):  # top up the scarcer label
-        i = order[j % len(order)]
+    for i in (order[j % len(order)] for j in range(need)):  # top up the scarcer label
         crit.append((i, synth_response(records[i], rng, right=short), short))
     rows = []
     for i, resp, label in crit:
-        if reward.is_correct(resp, records[i]["answer"]) != label:
-            raise RuntimeError(f"synthetic response labelled {label} but reward says otherwise: {resp!r}")
-        text = teacher_critique(records[i], resp)
-        assert reward.extract_verdict(text) == ("right" if label else "wrong"), text
+        text = teacher_critique(records[i], resp)  # its verdict is reward.is_correct's: it must match the label
+        if reward.extract_verdict(text) != ("right" if label else "wrong"):
+            raise RuntimeError(f"response labelled {label}, but the reward says otherwise: {resp!r}")
         rows.append(dict(question=records[i]["question"], response=resp, critique=text, label=label))
     if generation:
         rows += [dict(question=r["question"], response=r["solution"]) for r in records]
     rng.shuffle(rows)
     write_jsonl(out_path, rows)
-    n_r = sum(1 for r in rows if r.get("label") is True)
-    return dict(path=str(out_path), n_critique=len(crit), n_right=n_r, n_wrong=len(crit) - n_r,
-                n_generation=len(records) if generation else 0, n_policy=n_policy)
+    return dict(path=str(out_path), n_critique=len(crit), n_right=len(crit) // 2, n_wrong=len(crit) // 2,
+                n_generation=len(records) if generation else 0, n_policy=len(items))
 
 
 # ----------------------------------------------------------------------------- critique evaluation data
 
 def _gsm8k_solutions(path, seed=0, limit=None):
-    """Balanced pairs from a GSM8K model-solutions jsonl: for each question with at least one right and one
-    wrong model solution, one of each (seeded choice); questions with one label only are skipped."""
+    """Balanced pairs from a GSM8K model-solutions jsonl: one right, one wrong solution per question with both."""
     rng = random.Random(seed)
     stem, pairs = Path(path).stem, []
     for i, row in enumerate(read_jsonl(path, "gsm8k-solutions"), 1):
@@ -525,10 +427,9 @@ def _gsm8k_solutions(path, seed=0, limit=None):
                 raise DataError(f"{where}: solution {name!r} needs a bool 'is_correct' and a str 'solution'")
             (right if s["is_correct"] else wrong).append((name, s["solution"]))
         if right and wrong:
-            gold = m.group(1).replace(",", "")
             for label, (name, text) in ((True, rng.choice(right)), (False, rng.choice(wrong))):
-                pairs.append(dict(question=row["question"].strip(), response=text, label=label, answer=gold,
-                                  id=f"{stem}-{i - 1}:{name}"))
+                pairs.append(dict(question=row["question"].strip(), response=text, label=label,
+                                  answer=m.group(1).replace(",", ""), id=f"{stem}-{i - 1}:{name}"))
             if limit and len(pairs) >= 2 * limit:
                 break
     if not pairs:
@@ -545,6 +446,5 @@ def load_critique_data(spec, seed=0, limit=None):
     if kind == "gsm8k-solutions" and arg:
         return _gsm8k_solutions(arg, seed, limit)
     if kind == "jsonl" and arg:
-        pairs = load_pairs(arg)
-        return pairs[:limit] if limit else pairs
+        return load_pairs(arg)[:limit or None]
     raise DataError(f"unknown critique data spec {spec!r}; expected gsm8k-solutions:PATH.jsonl or jsonl:PATH")

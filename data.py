@@ -1,6 +1,4 @@
-"""Task sources -> records {id, question, answer}, and the generation prompt.
-
-A data SPEC names a source:
+"""Task sources -> records {id, question, answer}, and the generation prompt. A data SPEC names a source:
     arith            built-in arithmetic word problems, levels 1-3 mixed
     arith:LEVEL      one level (1 = one step, 2 = two steps, 3 = three steps with * and /)
     gsm8k            GSM8K from the Hugging Face hub (needs network or a warm HF cache)
@@ -8,22 +6,16 @@ A data SPEC names a source:
     jsonl:PATH       any jsonl with `question` / `answer` fields (see `fields=` to rename)
     hf:NAME[:SPLIT]  any HF dataset with `question` / `answer` columns
 
-Every record is a dict with string `id`, `question`, `answer` (the gold final answer, e.g. "72").
-`arith` records also carry `level`, `steps` [(text, value)] and a program-written `solution`
-that ends in \\boxed{answer}: the teacher for the cold start (critique.py) reads them.
-
-The arith train/test split is decided by a hash of the question text, not by the seed, so a
-question that lands in the test split can never be generated for training.
-
-This is the lowest module (it imports no other gcrl file), so the helpers every module shares live here:
-`read_jsonl`, the atomic writers `write_json` / `write_jsonl`, and `require_field`, the one check of a
-row's question / answer / response fields.
+Records have string `id`, `question`, `answer` (the gold final answer, e.g. "72"); `arith` records also carry
+`level`, `steps` [(text, value)] and a program `solution` ending in \\boxed{answer}, for critique.py's cold-start
+teacher. The arith train/test split hashes the question text (not the seed): no test question is ever trained on.
+The lowest module (no gcrl imports), so the home of the shared helpers: `read_jsonl`, the atomic writers
+`write_json` / `write_jsonl` and `require_field` (the one check of a row's question / answer / response).
 """
 import hashlib
 import json
 import os
 import random
-import re
 from pathlib import Path
 
 
@@ -37,6 +29,9 @@ NAMES = ["Mia", "Noah", "Ava", "Liam", "Zoe", "Omar", "Lena", "Ravi", "Sara", "T
 ITEMS = ["apples", "marbles", "stickers", "books", "coins", "pencils", "cards", "shells", "stamps", "cookies"]
 LEVELS = {1: dict(ops=1, lo=2, hi=20), 2: dict(ops=2, lo=2, hi=50), 3: dict(ops=3, lo=2, hi=100)}
 TEST_FRACTION = 5  # one question text in 5 (by hash) belongs to the test split
+_SENTENCES = dict(add="{name} gets {x} more {item}.", sub="{name} gives away {x} {item}.",
+                  mul="{name} ends up with {x} times as many {item} as before.",
+                  div="{name} splits the {item} into {x} equal piles and keeps one pile.")
 
 
 def _split_of(question):
@@ -45,45 +40,25 @@ def _split_of(question):
 
 
 def _arith_problem(rng, level):
-    """One word problem: a start value and `ops` operations applied in order. Returns a record
-    without id. Every intermediate value is a non-negative integer."""
+    """One word problem (a record without id): a start value, then `ops` operations; all values are ints >= 0."""
     cfg = LEVELS[level]
-    name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    v = rng.randint(cfg["lo"], cfg["hi"])
-    sentences = [f"{name} has {v} {item}."]
-    steps = []
-    kinds = ["add", "sub"] if level == 1 else ["add", "sub", "mul"] if level == 2 else ["add", "sub", "mul", "div"]
+    name, item, v = rng.choice(NAMES), rng.choice(ITEMS), rng.randint(cfg["lo"], cfg["hi"])
+    sentences, steps = [f"{name} has {v} {item}."], []
     for _ in range(cfg["ops"]):
-        kind = rng.choice(kinds)
-        if kind == "sub" and v < 2:
-            kind = "add"
-        if kind == "div":
-            divisors = [d for d in (2, 3, 4, 5) if v % d == 0]
-            if not divisors:
-                kind = "mul"
-        if kind == "add":
-            x = rng.randint(cfg["lo"], cfg["hi"])
-            sentences.append(f"{name} gets {x} more {item}.")
-            text, new = f"{v} + {x} = {v + x}", v + x
-        elif kind == "sub":
-            x = rng.randint(1, v - 1)
-            sentences.append(f"{name} gives away {x} {item}.")
-            text, new = f"{v} - {x} = {v - x}", v - x
-        elif kind == "mul":
-            x = rng.randint(2, 5)
-            sentences.append(f"{name} ends up with {x} times as many {item} as before.")
-            text, new = f"{v} * {x} = {v * x}", v * x
-        else:
-            x = rng.choice(divisors)
-            sentences.append(f"{name} splits the {item} into {x} equal piles and keeps one pile.")
-            text, new = f"{v} / {x} = {v // x}", v // x
-        steps.append((text, new))
+        kind = rng.choice(["add", "sub", "mul", "div"][:level + 1])
+        divisors = [d for d in (2, 3, 4, 5) if v % d == 0]
+        kind = "add" if kind == "sub" and v < 2 else "mul" if kind == "div" and not divisors else kind
+        x = (rng.randint(cfg["lo"], cfg["hi"]) if kind == "add" else
+             rng.randint(1, v - 1) if kind == "sub" else
+             rng.randint(2, 5) if kind == "mul" else rng.choice(divisors))
+        op, new = {"add": ("+", v + x), "sub": ("-", v - x), "mul": ("*", v * x), "div": ("/", v // x)}[kind]
+        sentences.append(_SENTENCES[kind].format(name=name, item=item, x=x))
+        steps.append((f"{v} {op} {x} = {new}", new))
         v = new
     sentences.append(f"How many {item} does {name} have now?")
-    question = " ".join(sentences)
     lines = [f"Step {i + 1}: {t}." for i, (t, _) in enumerate(steps)]
     solution = "\n".join(lines + [f"So {name} has {v} {item}. The answer is \\boxed{{{v}}}."])
-    return dict(question=question, answer=str(v), level=level, steps=steps, solution=solution)
+    return dict(question=" ".join(sentences), answer=str(v), level=level, steps=steps, solution=solution)
 
 
 def arith(level=None, split="train", n=1000, seed=0):
@@ -97,11 +72,9 @@ def arith(level=None, split="train", n=1000, seed=0):
     while len(out) < n:
         lvl = level or (len(out) % len(LEVELS)) + 1
         rec = _arith_problem(rng, lvl)
-        q = rec["question"]
-        if q in seen or _split_of(q) != split:
-            continue
-        seen.add(q)
-        out.append(dict(id=f"arith{lvl}-{split}-{len(out)}", **rec))
+        if rec["question"] not in seen and _split_of(rec["question"]) == split:
+            seen.add(rec["question"])
+            out.append(dict(id=f"arith{lvl}-{split}-{len(out)}", **rec))
     return out
 
 
@@ -114,8 +87,8 @@ def _gsm8k_gold(answer, where):
 
 
 def require_field(row, key, where, text=True):
-    """row[key] if it is present and not blank, else DataError "{where}: missing or empty {key!r}". With `text`
-    (questions, responses) it must be a string; without (gold answers) any JSON value, e.g. the number 72."""
+    """row[key] if present and not blank, else DataError "{where}: missing or empty {key!r}". With `text`
+    (questions, responses) it must be a string; without (gold answers) any JSON value, e.g. 72."""
     v = row.get(key) if isinstance(row, dict) else None
     if v is None or (isinstance(v, str) and not v.strip()) or (text and not isinstance(v, str)):
         raise DataError(f"{where}: missing or empty {key!r}")
@@ -123,8 +96,7 @@ def require_field(row, key, where, text=True):
 
 
 def _write_atomic(path, chunks):
-    """Write the strings `chunks` to `path` via a temporary file and a rename, so that no reader (and no
-    resumed run after a kill) ever sees half a file. Creates the parent directory."""
+    """Write strings to `path` via a tmp file and a rename: no reader (nor a resumed run) sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # pid: two processes never share a tmp file
@@ -139,13 +111,11 @@ def _write_atomic(path, chunks):
         raise
 
 
-def write_json(path, obj):
-    """One JSON document (indented), written atomically."""
+def write_json(path, obj):  # one indented JSON document, atomically
     _write_atomic(path, [json.dumps(obj, indent=2, ensure_ascii=False), "\n"])
 
 
-def write_jsonl(path, rows):
-    """One JSON object per line, written atomically; read it back with read_jsonl."""
+def write_jsonl(path, rows):  # one JSON object per line, atomically; read_jsonl reads it back
     _write_atomic(path, (json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
@@ -157,24 +127,21 @@ def read_jsonl(path, what="jsonl"):
     rows = []
     with p.open(encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
             try:
-                rows.append(json.loads(line))
+                rows += [json.loads(line)] if line.strip() else []
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
     return rows
 
 
 def _records(rows, where, q_field="question", a_field="answer", gsm8k=False, skip_bad=False):
-    """Rows -> records; a row without a question or answer is an error naming it (or skipped
-    and counted when skip_bad)."""
+    """Rows -> records; a row without a question or answer is a DataError naming it (skip_bad: skipped, counted)."""
     out, dropped = [], 0
     for i, row in enumerate(rows, 1):
+        at = f"{where} row {i}"
         try:
-            q = require_field(row, q_field, f"{where} row {i}")
-            a = require_field(row, a_field, f"{where} row {i}", text=False)
-            a = _gsm8k_gold(a, f"{where} row {i}") if gsm8k else str(a).strip()
+            q, a = require_field(row, q_field, at), require_field(row, a_field, at, text=False)
+            a = _gsm8k_gold(a, at) if gsm8k else str(a).strip()
         except DataError:
             if not skip_bad:
                 raise
@@ -199,8 +166,8 @@ SPECS = "arith, arith:LEVEL, gsm8k, gsm8k:PATH.jsonl, jsonl:PATH, hf:NAME[:SPLIT
 
 
 def load_data(spec, split="train", limit=None, seed=0, skip_bad=False, fields=("question", "answer")):
-    """Records for a data SPEC (see module docstring). `split` applies to arith and hub sources;
-    `limit` keeps the first N records (arith: generates N, default 1000 train / 200 test)."""
+    """Records for a data SPEC (module docstring). `split` applies to arith and hub sources; `limit` keeps the
+    first N records (arith generates N, default 1000 train / 200 test)."""
     kind, _, arg = str(spec).partition(":")
     if kind == "arith":
         try:
@@ -208,10 +175,9 @@ def load_data(spec, split="train", limit=None, seed=0, skip_bad=False, fields=("
         except ValueError:
             raise DataError(f"data spec {spec!r}: LEVEL must be one of {sorted(LEVELS)}") from None
         recs = arith(level, split, limit or (1000 if split == "train" else 200), seed)
-    elif kind == "gsm8k" and arg:
-        recs = _records(read_jsonl(arg, spec), arg, gsm8k=True, skip_bad=skip_bad)
     elif kind == "gsm8k":
-        recs = _records(_hub("openai/gsm8k", split, "main"), f"gsm8k[{split}]", gsm8k=True, skip_bad=skip_bad)
+        rows, where = (read_jsonl(arg, spec), arg) if arg else (_hub("openai/gsm8k", split, "main"), f"gsm8k[{split}]")
+        recs = _records(rows, where, gsm8k=True, skip_bad=skip_bad)
     elif kind == "jsonl" and arg:
         recs = _records(read_jsonl(arg, spec), arg, *fields, skip_bad=skip_bad)
     elif kind == "hf" and arg:
@@ -227,10 +193,8 @@ def load_data(spec, split="train", limit=None, seed=0, skip_bad=False, fields=("
 
 # ----------------------------------------------------------------------------- prompts
 
-PROMPT_STYLES = {
-    # zero-shot: the task and the answer format, nothing else
+PROMPT_STYLES = {  # zero-shot; one-shot: one worked example in the program-solution format
     "plain": "{question}\nSolve it step by step, then give the final answer as \\boxed{{number}}.",
-    # one-shot: one worked example in the program-written solution format, to show the format
     "oneshot": ("Example question: Ava has 12 shells. Ava gets 7 more shells. How many shells does Ava have now?\n"
                 "Example solution:\nStep 1: 12 + 7 = 19.\nSo Ava has 19 shells. The answer is \\boxed{{19}}.\n\n"
                 "Question: {question}\nSolve it step by step, then give the final answer as \\boxed{{number}}."),
@@ -238,13 +202,11 @@ PROMPT_STYLES = {
 
 
 def chat_ids(tokenizer, user_text):
-    """Token ids of one user turn plus the assistant header (the tokenizer's chat template), or a
-    plain 'Question/Answer' frame for tokenizers without a template (base models, test tokenizers)."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
-                                             add_generation_prompt=True)
-    else:
-        text = f"{user_text}\nAnswer:"
+    """Token ids of one user turn plus the assistant header (chat template), or `{text}\\nAnswer:` for
+    tokenizers without a template (base models, test tokenizers)."""
+    text = (tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
+                                          add_generation_prompt=True)
+            if getattr(tokenizer, "chat_template", None) else f"{user_text}\nAnswer:")
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

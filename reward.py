@@ -1,29 +1,23 @@
-"""Rewards for GC-RL (arXiv 2602.22765, section 3): pure functions, no model, no state.
+"""Rewards for GC-RL (arXiv 2602.22765 §3): pure functions, no model, no state.
 
     extract_answer / is_correct / response_reward   first-order reward, Eq. 1
-    normalize_answer                                an answer as a canonical string, for voting (maj@k)
+    normalize_answer                                an answer's canonical string, for voting (maj@k)
     extract_verdict / critique_reward               second-order reward, Eq. 2 (+ Eq. 3, 5, 6)
     denoise_bonus                                   self-correction bonus, Eq. 4
     balance                                         the label-balance filter (one right + one wrong per question)
 
 Decisions (the paper is silent on these):
-- No boxed answer. The paper's evaluation requires `\\boxed{}`. By default (`strict=False`) a response without
-  any complete `\\boxed{...}` falls back to the markers `#### x` and then `the answer is x`, because small models
-  (SmolLM2-135M) often skip the box and GSM8K's own convention is `####`; a response that *does* box is judged
-  by its last box only. `strict=True` (what eval.py should use for paper-style numbers) is boxed-only.
-  Data with another convention names its own markers, e.g. `markers=("A:",)` for GSM8K model solutions.
-- Equality. Plain numbers (after removing `$`, `%`, thousands separators, trailing unit words) compare exactly
-  as fractions, without sympy: `\\boxed{1,000}` = `$1,000.00` = `1{,}000` = `1,\\! 000` = `1000`, and
-  `25\\%` = `25`. Words of two or more letters ("Monday", "\\text{even}") compare as case-insensitive strings
-  (math-verify would read them as products of symbols and accept anagrams). Everything else goes to
-  math-verify (gold first), so `\\frac{1}{2}` = `0.5` = `1/2` and `x^2+2x+1` = `(x+1)^2`.
-- Time limit. A linear scan finds the braces, answers longer than 300 characters or nested deeper than 8
-  braces are wrong, and math-verify runs under one deadline for the whole comparison (default 1 s).
-  math-verify 0.9.0's own timeouts (`parse(parsing_timeout=)`, `verify(timeout_seconds=)`) use
-  `signal.alarm`: whole seconds, one alarm per call and per comparison, and a ValueError outside the main
-  thread. So we pass None to both and arm one `setitimer` deadline ourselves, in the main thread only.
-  Elsewhere (worker threads, Windows, or when the caller already has a timer) there is no timer, and
-  answers that could explode (factorials, power towers, huge exponents) are simply judged wrong.
+- No box. The paper requires `\\boxed{}`; by default (`strict=False`) a response without a complete box falls
+  back to `#### x`, then `the answer is x` (small models skip the box; `####` is GSM8K's); one that boxes is
+  judged by its last box only. `strict=True` (paper-style eval) is boxed-only. Data with another convention
+  names its own markers, e.g. `markers=("A:",)` for GSM8K model solutions.
+- Equality. Plain numbers (no `$`, `%`, thousands separators, unit words) compare as exact fractions, no sympy
+  (`\\boxed{1,000}` = `$1,000.00` = `1{,}000` = `1,\\! 000` = `1000`); words of 2+ letters as case-insensitive
+  strings (math-verify accepts anagrams); the rest by math-verify: `\\frac{1}{2}` = `0.5`, `(x+1)^2` = `x^2+2x+1`.
+- Time. Answers over 300 characters or 8 braces deep are wrong; math-verify runs under one `setitimer` deadline
+  per comparison (1 s), main thread only: its own timeouts (0.9.0) use `signal.alarm` per call, whole seconds,
+  ValueError off the main thread, so we pass None. Without a timer (threads, Windows, a caller's timer), answers
+  that could explode (factorials, power towers, huge exponents) are judged wrong.
 """
 import logging
 import re
@@ -31,6 +25,7 @@ import signal
 import threading
 from fractions import Fraction
 from functools import lru_cache
+from itertools import accumulate
 
 from math_verify import parse, verify
 
@@ -39,13 +34,12 @@ MAX_ANSWER_CHARS = 300  # longer "answers" are wrong without parsing (MATH answe
 MAX_DEPTH = 8           # brace nesting depth; parsing time grows ~1.5x per level (depth 8: ~0.6 s)
 TIME_LIMIT = 1.0        # seconds for one math-verify comparison (main thread only)
 
-# We pass timeout=None to math-verify on purpose (our own deadline replaces it); silence its warning about it.
+# our own deadline replaces math-verify's timeouts: silence its warning that they are off
 for _name in ("math_verify.parser", "math_verify.grader"):
     logging.getLogger(_name).addFilter(lambda rec: "Timeout is disabled" not in rec.getMessage())
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Answer extraction
+# ----------------------------------------------------------------------------- answer extraction
 
 _BRACE_TOKENS = re.compile(r"\\(?:boxed|fbox)\s*\{|\\[{}\\]|[{}]")
 
@@ -68,8 +62,7 @@ def _last_box(text):
 
 def _after_marker(text, marker):
     """The rest of the line after the last occurrence of `marker` (case-insensitive, at a word start)."""
-    hits = list(re.finditer(r"(?<!\w)" + re.escape(marker), text, flags=re.IGNORECASE))
-    for m in reversed(hits):
+    for m in reversed(list(re.finditer(r"(?<!\w)" + re.escape(marker), text, flags=re.IGNORECASE))):
         rest = text[m.end():].split("\n", 1)[0]
         rest = re.split(r"\.(?:\s|$)", rest, maxsplit=1)[0]  # end of sentence (but keep the "." in 3.5)
         rest = rest.strip().lstrip(":").strip()
@@ -79,23 +72,17 @@ def _after_marker(text, marker):
 
 
 def extract_answer(text, markers=DEFAULT_MARKERS):
-    """The final answer of a response (input to Eq. 1): the last complete `\\boxed{...}` (nested braces fine),
-    else the text after the first of `markers` found (its last occurrence, rest of that line), else None.
-    `markers=()` is boxed-only. An empty box gives None."""
+    """A response's final answer (Eq. 1): the last complete `\\boxed{...}` (None if empty), else the rest of the
+    line after the last occurrence of the first of `markers` found, else None. `markers=()`: boxed only."""
     if not text:
         return None
     box = _last_box(text)
     if box is not None:
         return box.strip() or None
-    for marker in markers:
-        ans = _after_marker(text, marker)
-        if ans is not None:
-            return ans
-    return None
+    return next((a for a in (_after_marker(text, mk) for mk in markers) if a is not None), None)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Answer comparison
+# ----------------------------------------------------------------------------- answer comparison
 
 _NUMBER = re.compile(r"([+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[+-]?\.\d+)"  # 1,000.50  12  -.5
                      r"(?:\s*\\(?:text|mbox|mathrm)\{[^{}]*\}|\s+[^\W\d_][^\W\d_.\-]*\.?)*")  # units: 18 dollars
@@ -114,13 +101,8 @@ def _norm(s):
     s = re.sub(r"\\[$%]|[$%]|\\[!,;: ]|\\(?:left|right)(?![a-zA-Z])|\^\s*\{?\\circ\}?", "", s)
     s = s.replace("{,}", ",").strip().rstrip(".").strip()
     s = re.sub(r"^([+-])\s+", r"\1", s)
-    m = _WRAP.match(s)
-    if m:
-        s = m.group(1).strip()
-    m = _PARENS.fullmatch(s)  # "(C)" -> "C", but not "(1,2)" or "(2)(3)"
-    if m:
-        s = m.group(1).strip()
-    return s
+    s = m.group(1).strip() if (m := _WRAP.match(s)) else s
+    return m.group(1).strip() if (m := _PARENS.fullmatch(s)) else s  # "(C)" -> "C", not "(1,2)" or "(2)(3)"
 
 
 def _number(s):
@@ -129,15 +111,10 @@ def _number(s):
 
 
 def normalize_answer(ans):
-    """An extracted answer -> its canonical string for majority voting (maj@k), or None for no answer.
-
-    The normalisation `is_correct` uses: plain numbers (units, `$`, `%`, thousands separators dropped) and
-    simple fractions become exact fractions, so `$1,000` = `1000.0` -> "1000", `0.5` = `1/2` = `\\frac{1}{2}`
-    -> "1/2" and `18 dollars` -> "18"; text answers are case-folded (`\\text{Even}` -> "even"); anything else
-    is compared without whitespace. Answers that only math-verify equates (`(x+1)^2`, `x^2+2x+1`) stay apart."""
-    if ans is None:
-        return None
-    s = _norm(str(ans))
+    """An extracted answer -> its canonical string for voting (maj@k), or None: is_correct's normalisation.
+    Numbers and simple fractions become exact (`$1,000` -> "1000", `0.5` = `\\frac{1}{2}` -> "1/2", `18 dollars`
+    -> "18"), text is case-folded, the rest loses its whitespace; only math-verify equates `(x+1)^2`, `x^2+2x+1`."""
+    s = None if ans is None else _norm(str(ans))
     if not s:
         return None
     f = _number(s)
@@ -172,8 +149,7 @@ def _within(seconds, fn):
     old = signal.signal(signal.SIGALRM, handler)
     try:
         try:
-            # re-fires every 0.1 s in case something deep inside swallows the first one
-            signal.setitimer(signal.ITIMER_REAL, seconds, 0.1)
+            signal.setitimer(signal.ITIMER_REAL, seconds, 0.1)  # re-fires every 0.1 s, should one be swallowed
             return fn()
         finally:
             armed[0] = False
@@ -190,9 +166,7 @@ def _parse_gold(gold):  # the same gold is compared with n responses
 
 
 @lru_cache(maxsize=1)
-def _warm_up():
-    """math-verify's first call builds its LaTeX parser and imports sympy parts (~0.5 s, more on a busy
-    machine): pay that once, outside the per-comparison deadline, so it never turns a right answer wrong."""
+def _warm_up():  # math-verify's first call builds its parser (~0.5 s): pay it outside the deadline, once
     verify(parse("$x^2+2x+1$", parsing_timeout=None), parse("$(x+1)^2$", parsing_timeout=None), timeout_seconds=None)
 
 
@@ -201,26 +175,18 @@ def _math_equal(gold, pred):
 
 
 def _too_deep(s):
-    depth = 0
-    for ch in s:
-        depth += (ch == "{") - (ch == "}")
-        if depth > MAX_DEPTH:
-            return True
-    return False
+    return max(accumulate(((ch == "{") - (ch == "}") for ch in s), initial=0)) > MAX_DEPTH
 
 
 def is_correct(text, gold, markers=DEFAULT_MARKERS, strict=False, time_limit=TIME_LIMIT):
-    """Eq. 1's verifier: does the response's final answer equal `gold`?
-
-    `gold` is a bare answer ("18", "\\frac{1}{2}") or a solution ending in `\\boxed{}`, `#### x` or one of
-    `markers`. `strict=True` ignores the markers for the response (boxed only). Never raises; an input that
-    cannot be compared in time is wrong."""
+    """Eq. 1's verifier: does the response's final answer equal `gold`, a bare answer ("18", "\\frac{1}{2}") or a
+    solution ending in `\\boxed{}`, `#### x` or one of `markers`? `strict`: the response must box its answer.
+    Never raises; what cannot be compared in time is wrong."""
     pred = extract_answer(text, () if strict else markers)
     if pred is None or gold is None:
         return False
     gold = str(gold)
-    g = extract_answer(gold, ("####",) + tuple(markers)) or gold  # a bare answer passes through unchanged
-    g, p = _norm(g), _norm(pred)
+    g, p = _norm(extract_answer(gold, ("####",) + tuple(markers)) or gold), _norm(pred)  # a bare gold as it is
     if not g or not p:
         return False
     if re.sub(r"\s+", "", g) == re.sub(r"\s+", "", p):
@@ -244,31 +210,22 @@ def is_correct(text, gold, markers=DEFAULT_MARKERS, strict=False, time_limit=TIM
 
 
 def response_reward(text, gold, format_weight=0.0, strict=False, markers=DEFAULT_MARKERS):
-    """Eq. 1: R(r) = 1 if the final answer is correct else 0, plus `format_weight` when the response has a
-    complete `\\boxed{}` answer (off by default; with it on, a right answer scores 1 + format_weight)."""
+    """Eq. 1: R(r) = 1 if the final answer is correct else 0, plus `format_weight` (default 0) if it is boxed."""
     r = 1.0 if is_correct(text, gold, markers=markers, strict=strict) else 0.0
-    if format_weight and extract_answer(text, ()) is not None:
-        r += format_weight
-    return r
+    return r + format_weight if format_weight and extract_answer(text, ()) is not None else r
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Critique rewards
+# ----------------------------------------------------------------------------- critique rewards
 
 _CONCLUSION = re.compile(r"conclusion\s*[*_]*\s*:", re.IGNORECASE)
 _VERDICTS = {"right": "right", "correct": "right", "wrong": "wrong", "incorrect": "wrong"}
 
 
 def extract_verdict(text):
-    """Ext(c) of Eq. 2: the verdict on the last `Conclusion:` line -> "right" | "wrong" | None.
-
-    The word after the colon must be exactly right/correct (-> "right") or wrong/incorrect (-> "wrong"),
-    ignoring case, markdown (`**Conclusion:** **Right**`), punctuation and a trailing `[END]`; when the
-    line is empty after the colon, the next non-empty line is read. Whole-word matching, so "incorrect"
-    is never read as "correct", and "not correct" or a sentence is no verdict."""
-    if not text:
-        return None
-    hits = list(_CONCLUSION.finditer(text))
+    """Ext(c) of Eq. 2: the verdict of the last `Conclusion:` -> "right" | "wrong" | None. The one word after it
+    (or on the next non-empty line) must be right/correct or wrong/incorrect, ignoring case, markdown, punctuation
+    (`Conclusion: right?`) and `[END]`: "incorrect" is never "correct", and "not correct" is no verdict."""
+    hits = list(_CONCLUSION.finditer(text or ""))
     if not hits:
         return None
     lines = text[hits[-1].end():].split("\n")
@@ -285,8 +242,7 @@ CRITIQUE_REWARDS = {
     "plain":     (0.7, 0.7),    # Eq. 2
     "reweight":  (0.35, 0.35),  # Eq. 3: 0.35 / E[R(r)]  and  0.35 / (1 - E[R(r)])
     "precision": (0.6, 0.8),    # Eq. 5: favour "wrong" -> higher precision of "right"
-    "recall":    (0.8, 0.6),    # Eq. 6: favour "right" -> higher recall of "right"
-}
+    "recall":    (0.8, 0.6)}    # Eq. 6: favour "right" -> higher recall of "right"
 
 
 def critique_reward(verdict, label, scheme="plain", p_correct=None, format_penalty=0.0):
@@ -303,8 +259,7 @@ def critique_reward(verdict, label, scheme="plain", p_correct=None, format_penal
         return -float(format_penalty)
     if (verdict == "right") != bool(label):
         return 0.0
-    on_right, on_wrong = CRITIQUE_REWARDS[scheme]
-    r = on_right if label else on_wrong
+    r = CRITIQUE_REWARDS[scheme][0 if label else 1]
     if scheme == "reweight":
         p = min(max(float(p_correct), 0.05), 0.95)  # clip: an all-wrong batch must not give 0.35/0
         r /= p if label else 1.0 - p
@@ -321,13 +276,11 @@ def denoise_bonus(verdict, k, n):
     return {"right": 0.1, "wrong": 0.7}[verdict] * k / n
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The data filter
+# ----------------------------------------------------------------------------- the data filter
 
 def balance(groups, rng):
-    """The paper's label-balance filter (section 3, section 5.1): for each question's reward list, skip it when
-    all responses are right or all wrong; otherwise keep one random right (reward > 0.5) and one random
-    wrong response. Returns [(question_index, response_index, label)], right then wrong per question."""
+    """The label-balance filter (§3, §5.1): per question's reward list, none if all right or all wrong, else one
+    random right (reward > 0.5), then one random wrong. Returns [(question_index, response_index, label)]."""
     out = []
     for qi, rewards in enumerate(groups):
         right = [i for i, r in enumerate(rewards) if r > 0.5]

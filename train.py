@@ -15,43 +15,29 @@ One GC-RL step (arXiv 2602.22765 §3, Figure 2; `Trainer.rl_step` follows it lin
   5. score critiques: 0.7 when the verdict matches the label (Eq. 2; --critique-reward reweight / precision /
      recall: Eq. 3 / 5 / 6; --denoise K adds the self-correction bonus of Eq. 4)
   6. GRPO advantages per group A = (r - mean) / (std + eps) (--scale-rewards off: Dr. GRPO, no std);
-     groups with equal rewards get A = 0, are counted in frac_reward_zero_std and left out of the loss;
-     --group-mode shared pools all responses and critiques of the step into one group
+     groups with equal rewards get A = 0, are counted in frac_reward_zero_std and left out of the loss
   7. ONE clipped-ratio loss over responses and critiques together, optional k3 KL to the starting policy
 Modes: gc = all of it; g = steps 1, 2, 6, 7; c = steps 4-7 on a static pair set built once from the starting
-policy (critique.build_static_pairs) or --static-pairs; sft = cross-entropy on {question, response, critique?}.
-The paper's ablations are flags: --pair-filter random (Table 2's "random sampling": two responses per question
-drawn uniformly, no label balance; + --critique-reward reweight: Eq. 3), --pairs static|dynamic for gc and c
-(§5.3: gc on the static set; c on fresh pairs, its responses scored and cached, never trained),
---critique-reward precision|recall (Eq. 5 / 6, §5.4), --denoise K (Eq. 4, §5.2).
+policy or --static-pairs; sft = cross-entropy on {question, response, critique?}. The paper's ablations are
+flags: --pair-filter random (Table 2), --pairs static|dynamic (§5.3), --critique-reward (Eq. 3, 5, 6; §5.4),
+--denoise K (Eq. 4, §5.2).
 
-Distributed (Accelerate, DDP): each rank samples its own Q / num_processes questions (whole groups) and
-P / num_processes pairs through its own Sampler over the unwrapped model; the QRCache is per rank (each rank
-caches the pairs of its own questions; a checkpoint stores every rank's cache). The token-mean / seq-mean /
-dr-grpo normalisers are all-reduced, so N ranks make the same update as one process on the same global batch.
-Metrics are reduced over ranks (sums of numerators and denominators) and logged on rank 0. On a machine
-without GPUs `accelerate launch --multi_gpu --num_processes N` (or `torchrun --nproc_per_node N`) runs N CPU
-processes over gloo; `accelerate launch --cpu --num_processes N` starts only one. Set OMP_NUM_THREADS so
-that processes x threads <= cores: oversubscribed OpenMP threads slow CPU matmuls down by 100x and more.
-Sharded (configs/accelerate/fsdp2.yaml, zero3.yaml): weights, gradients and optimizer state split over ranks;
-`full_weights` gathers the whole model once per step for the sampler, every rank runs as many forwards as the
-busiest (an empty rank on a dummy row), and checkpoints hold a full HF model/ written by rank 0.
+Distributed (Accelerate): each rank samples whole groups of its own questions and pairs and keeps its own
+QRCache; the loss normalisers are all-reduced, so N ranks make the same update as one process on the same
+global batch. On a machine without GPUs `accelerate launch --multi_gpu --num_processes N` runs N CPU
+processes over gloo; set OMP_NUM_THREADS so that processes x threads <= cores (oversubscribed OpenMP threads
+slow CPU matmuls down 100x). Sharded (configs/accelerate/fsdp2.yaml, zero3.yaml): `full_weights` gathers the
+model once per step for the sampler, every rank runs as many forwards as the busiest, and checkpoints hold a
+full HF model/ written by rank 0.
 
-Sampling runs rollout.Sampler over the unwrapped model's own parameters, in eval mode under inference_mode:
-no weight copy or sync (sharded: the gathered ones), and gradient checkpointing (an HF-forward, training-mode
-feature) never touches it.
-The trainer recomputes log-probs with the HF forward on fp32 logits; their gap to the sampler's is logged.
-It trains each prompt once per group (--share-prompts, `collate`): [prompt, completion_1, ..., completion_n] in one
-row with position ids restarting after the prompt and a 4-D mask, the same log-probs and gradients as one row
-per sequence with about half the tokens at the demo's shapes; micro-batches (--grad-accum) are cut by tokens.
-
-Deliberately not done: no value model (GRPO), no reward model (rule-based rewards only), no packing of
-unrelated sequences into one row, no vLLM; refinement tokens (--denoise) are scored, never trained. The weights stay fp32 (master copy); with
---mixed-precision bf16 the sampler computes in bf16 too (--sampler-dtype auto), from a bf16 cast of the weights
-made once per generate call.
+Sampling runs rollout.Sampler over the model's own parameters under inference_mode (no weight copy). The
+trainer recomputes log-probs with the HF forward and an fp32 LM head, each prompt once per group
+(--share-prompts, `collate`). Not done, on purpose: no value model, no reward model, no vLLM; refinement
+tokens (--denoise) are scored, never trained.
 """
 import argparse
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -78,6 +64,9 @@ class ConfigError(ValueError):
 
 
 TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}  # --report-to needs one
+ADV_EPS = 1e-4  # eps in A = (r - mean) / (std + eps), as TRL
+ACC_EMA = 0.9  # decay of the running first-order accuracy E[R(r)] that Eq. 3 reweights with
+CACHE_CAPACITY = 4096  # QRCache pairs per process; the oldest are evicted (a step pops a few, pushes <= Q)
 
 
 # ============================================================================ GRPO: advantages and loss (pure)
@@ -441,6 +430,36 @@ def load_sft_rows(spec, tokenizer, prompt_style="plain", max_len=None):
     return out
 
 
+def make_accelerator(a):
+    """The Accelerator for the flags; under FSDP / ZeRO-3 (set by the launch config) also its sharding settings."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    report = None if a.report_to in (None, "none") else a.report_to
+    if report and not any(importlib.util.find_spec(m) for m in TRACKER_MODULES[report]):
+        raise ConfigError(f"--report-to {report}: the package is not installed (pip install {report})")
+    # a fresh AcceleratorState, so that main() can run again in the same process with other settings (tests);
+    # the distributed process group (PartialState) is kept
+    AcceleratorState._reset_state()
+    # launched as N processes on a machine without CUDA: Accelerate needs cpu=True to form the gloo group, else
+    # it quietly runs N independent single-process trainings
+    world_env = int(os.environ.get("WORLD_SIZE", "1"))
+    cpu = a.cpu or (world_env > 1 and not torch.cuda.is_available())
+    acc = Accelerator(mixed_precision=a.mixed_precision, gradient_accumulation_steps=a.grad_accum,
+                      log_with=report, project_dir=a.out, cpu=cpu)
+    if acc.num_processes != world_env:
+        raise ConfigError(f"launched with WORLD_SIZE={world_env} but Accelerate formed {acc.num_processes} "
+                          f"process(es) on {acc.device}; check the launcher (--cpu forces the CPU)")
+    if sharding(acc):  # reduce-scatter every micro-batch: no_sync would keep a whole fp32 gradient on every rank
+        acc.gradient_state.plugin_kwargs["sync_each_batch"] = True
+    if sharding(acc) == "fsdp2" and a.mixed_precision == "bf16":
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+        # bf16 compute and gathers (the sampler's full weights too), fp32 gradient reduction; no output cast:
+        # Policy.forward returns fp32 log-probs
+        acc.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                                            reduce_dtype=torch.float32)
+    return acc
+
+
 # ============================================================================ the trainer
 
 class Trainer:
@@ -448,46 +467,37 @@ class Trainer:
     do one step and return its metrics; `save` / `load` handle checkpoints."""
 
     def __init__(self, args):
-        from accelerate import Accelerator
-        from accelerate.state import AcceleratorState
         from accelerate.utils import set_seed
-
         self.args = a = args
         self.out = Path(a.out)
-        report = None if a.report_to in (None, "none") else a.report_to
-        if report and not any(importlib.util.find_spec(m) for m in TRACKER_MODULES[report]):
-            raise ConfigError(f"--report-to {report}: the package is not installed (pip install {report})")
-        # a fresh AcceleratorState, so that main() can run again in the same process with other settings
-        # (eval.py --experiment, tests); the distributed process group (PartialState) is kept
-        AcceleratorState._reset_state()
-        # launched as N processes (torchrun / accelerate launch) on a machine without CUDA: Accelerate needs
-        # cpu=True to form the gloo group, else it quietly runs N independent single-process trainings
-        world_env = int(os.environ.get("WORLD_SIZE", "1"))
-        cpu = a.cpu or (world_env > 1 and not torch.cuda.is_available())
-        self.acc = Accelerator(mixed_precision=a.mixed_precision, gradient_accumulation_steps=a.grad_accum,
-                               log_with=report, project_dir=str(self.out), cpu=cpu)
-        acc = self.acc
-        if acc.num_processes != world_env:
-            raise ConfigError(f"launched with WORLD_SIZE={world_env} but Accelerate formed {acc.num_processes} "
-                              f"process(es) on {acc.device}; check the launcher (--cpu forces the CPU)")
-        self.rank, self.world = acc.process_index, acc.num_processes
-        self.sharding = sharding(acc)
-        if self.sharding:
-            # reduce-scatter every micro-batch: no_sync would keep a whole fp32 gradient on every rank
-            acc.gradient_state.plugin_kwargs["sync_each_batch"] = True
-        if self.sharding == "fsdp2" and a.mixed_precision == "bf16":
-            from torch.distributed.fsdp import MixedPrecisionPolicy
-            # bf16 compute and gathers (the sampler's full weights too), fp32 gradient reduction; no output cast:
-            # Policy.forward returns fp32 log-probs
-            acc.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
-                                                                                reduce_dtype=torch.float32)
+        self.acc = acc = make_accelerator(a)
+        self.rank, self.world, self.sharding = acc.process_index, acc.num_processes, sharding(acc)
         self._validate()
         set_seed(a.seed)
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
+        self._models()
+        self.step = 0
+        self.records, self.examples, self.static_pairs, self.pair_stream, self.eval_records = (None,) * 5
+        # critique pairs: dynamic = the policy's own fresh responses through the filter and the cache (gc default);
+        # static = a set built once from the starting policy (c default; the paper's static-vs-dynamic ablation)
+        self.pairs = a.pairs or {"gc": "dynamic", "c": "static"}.get(a.mode)
+        self.cache = critique.QRCache(capacity=CACHE_CAPACITY, seed=seed_for(a.seed, "cache", self.rank),
+                                      balanced=a.pair_filter == "balance")
+        self.acc_ema = None  # running first-order accuracy E[R(r)] (Eq. 3)
+        if a.mode == "sft":
+            self.examples = load_sft_rows(a.data, self.tok, a.prompt_style,
+                                          max(a.max_completion_length, a.max_critique_length))
+        else:
+            self.records = data.load_data(a.data, split="train", limit=a.limit, seed=a.seed)
+        self.stream = Stream(len(self.examples or self.records), seed_for(a.seed, "data"))
+        if a.eval_every and a.mode != "sft":
+            self.eval_records = data.load_data(a.eval_data or a.data, split="test", limit=a.eval_limit, seed=a.seed)
 
-        # policy (trainable), optional frozen reference, optimizer
+    def _models(self):
+        """The policy (trainable, prepared with its optimizer), the frozen reference (--beta > 0), the sampler."""
+        a, acc = self.args, self.acc
         lm, self.tok = rollout.load_policy(a.model, dtype=torch.float32, device=acc.device)
         lm.config.use_cache = False
         if a.gradient_checkpointing:
@@ -521,27 +531,6 @@ class Trainer:
         self.windows = mask_windows(lm)
         self.stop_ids = rollout.default_stop_ids(self.tok)
         self.temperature = a.temperature if a.temperature > 0 else 1.0  # greedy sampling: log-probs at T=1
-
-        # data and state
-        self.step = 0
-        self.records, self.examples, self.static_pairs = None, None, None
-        # critique pairs: dynamic = the policy's own fresh responses through the filter and the cache (gc default);
-        # static = a set built once from the starting policy (c default; the paper's static-vs-dynamic ablation)
-        self.pairs = a.pairs or {"gc": "dynamic", "c": "static"}.get(a.mode)
-        self.cache = critique.QRCache(capacity=a.cache_capacity, seed=seed_for(a.seed, "cache", self.rank),
-                                      balanced=a.pair_filter == "balance")
-        self.acc_ema = None  # running first-order accuracy E[R(r)] (Eq. 3)
-        if a.mode == "sft":
-            self.examples = load_sft_rows(a.data, self.tok, a.prompt_style,
-                                          max(a.max_completion_length, a.max_critique_length))
-            self.stream = Stream(len(self.examples), seed_for(a.seed, "data"))
-        else:
-            self.records = data.load_data(a.data, split="train", limit=a.limit, seed=a.seed)
-            self.stream = Stream(len(self.records), seed_for(a.seed, "data"))
-        self.pair_stream = None
-        self.eval_records = None
-        if a.eval_every and a.mode != "sft":
-            self.eval_records = data.load_data(a.eval_data or a.data, split="test", limit=a.eval_limit, seed=a.seed)
 
     # -- setup helpers
     def lm(self):
@@ -663,7 +652,7 @@ class Trainer:
             gen_tokens += sum(s["length"] for s in samples)
             n_right, n_all = self.all_sum([sum(r > 0.5 for r in rewards), len(rewards)])
             batch_acc = n_right / max(n_all, 1)
-            self.acc_ema = batch_acc if self.acc_ema is None else a.acc_ema * self.acc_ema + (1 - a.acc_ema) * batch_acc
+            self.acc_ema = batch_acc if self.acc_ema is None else ACC_EMA * self.acc_ema + (1 - ACC_EMA) * batch_acc
             m.add("acc/response_ema", self.acc_ema)  # E[R(r)] of Eq. 3 (the same on every rank)
             # 3. label-balance filter (or --pair-filter random) -> cache (dynamic pairs only)
             if self.pairs == "dynamic":
@@ -723,13 +712,13 @@ class Trainer:
             from accelerate.utils import gather_object
             every = gather_object([rewards]) if self.world > 1 else [rewards]
             adv, zero = grpo_advantages([r for part in every for r in part], [0] * sum(map(len, every)),
-                                        a.scale_rewards, a.adv_eps)
+                                        a.scale_rewards, ADV_EPS)
             start = sum(len(part) for part in every[:self.rank])
             adv, zero = adv[start:start + len(seqs)], zero[start:start + len(seqs)]
             m.add("frac_reward_zero_std", float(zero.all()) if len(seqs) else 0.0, 1 if len(seqs) else 0)
         else:
             groups = [s["group"] for s in seqs]
-            adv, zero = grpo_advantages(rewards, groups, a.scale_rewards, a.adv_eps)
+            adv, zero = grpo_advantages(rewards, groups, a.scale_rewards, ADV_EPS)
             first = {}
             for g, z in zip(groups, zero.tolist()):
                 first.setdefault(g, z)
@@ -738,70 +727,90 @@ class Trainer:
 
     def update(self, seqs, m):
         """Steps 6-7: advantages, then --ppo-epochs passes over the loss batch in mini-batches of
-        --mini-batch-size sequences (one optimizer update each), each cut into --grad-accum micro-batches."""
-        a, acc, W = self.args, self.acc, self.world
-        adv, zero = self.advantages(seqs, m)
-        keep = [i for i, s in enumerate(seqs) if not zero[i] and not (a.mask_truncated and s["truncated"])]
-        counts = torch.tensor([len(keep)], device=acc.device)
-        counts = acc.gather(counts) if W > 1 else counts  # (W,): every rank's loss-batch size
-        max_local, total = int(counts.max()), int(counts.sum())
-        m.add("update/seqs", len(keep))
+        --mini-batch-size sequences, one optimizer update each (`optimize`)."""
+        a = self.args
+        batch, n_mb = self.loss_batch(seqs, m)
         m.add("lr", self.set_lr())
-        if total == 0:  # every group uniform on every rank: nothing to learn from this step
+        if not n_mb:  # every group uniform on every rank: nothing to learn from this step
             return
-        mb = a.mini_batch_size or max_local
-        n_mb = math.ceil(max_local / mb)  # the same on every rank (DDP needs the same number of updates)
-        single = a.ppo_epochs == 1 and n_mb == 1  # one update on fresh samples: old log-probs = detached current
-        batch = [dict(seqs[i], adv=float(adv[i])) for i in keep]  # the loss batch: sequences with their advantage
-        with torch.no_grad(), acc.autocast():  # pi_old (the trainer's own, before any update) and pi_ref
-            for key, policy in (("old", None if single else acc.unwrap_model(self.model)), ("ref", self.ref)):
-                for s, lp in zip(batch, self._logprobs(policy, batch) if policy is not None else []):
-                    s[key] = lp
-        self.model.train()
-        gap, losses, norms = [0.0, 0.0], [], []
+        mb, fresh, losses = a.mini_batch_size or len(batch), a.ppo_epochs == 1 and n_mb == 1, []
         for epoch in range(a.ppo_epochs):
             order = list(range(len(batch)))
             if n_mb > 1:
                 random.Random(seed_for(a.seed, self.step + 1, self.rank, "minibatch", epoch)).shuffle(order)
             chunks = [[batch[i] for i in order[k * mb:(k + 1) * mb]] for k in range(n_mb)]
             # global normalisers of each mini-batch: tokens and sequences, summed over ranks
-            cnt = self.all_sum([[sum(s["length"] for s in c), len(c)] for c in chunks])
-            for chunk, (n_tok, n_seq) in zip(chunks, cnt):
-                step_loss = 0.0
-                for micro in self.micro_batches(chunk):
-                    with acc.accumulate(self.model):
-                        inputs, mask = self.collate(micro)
-                        if micro and epoch == 0:  # input tokens of the forward passes, padding included
-                            m.add("update/tokens", inputs["input_ids"].numel())
-                        logp, ent = self.model(**inputs, temperature=self.temperature)
-                        old_lp = _stack(micro, "old", logp) if not single else logp.detach()
-                        ref_lp = _stack(micro, "ref", logp) if self.ref is not None else None
-                        adv_mb = torch.tensor([s["adv"] for s in micro] or [0.0], device=acc.device)
-                        loss, st = grpo_loss(logp, old_lp, ref_lp, adv_mb, mask, a.epsilon, a.epsilon_high, a.beta,
-                                             a.loss_type, self.max_len_norm, n_tok, n_seq)
-                        # DDP averages gradients over ranks and accelerator.backward divides by G: undo both, so
-                        # the gradient is that of the globally normalised loss
-                        acc.backward(loss * W * a.grad_accum)
-                        step_loss += float(loss.detach())
-                        if micro:
-                            m.add("clip_ratio", st["clipped"], int(st["tokens"]))
-                            if a.beta:
-                                m.add("kl", st["kl"], int(st["tokens"]))
-                            if epoch == 0:
-                                m.add("entropy", float((ent * mask).sum()), int(st["tokens"]))
-                                sampler_lp = _stack(micro, "logprobs", logp)
-                                gap[0] += float(((sampler_lp - old_lp).abs() * mask).sum())
-                                gap[1] += float(mask.sum())
-                        if acc.sync_gradients:  # DeepSpeed clips by its config and may report no norm
-                            norm = acc.clip_grad_norm_(self.model.parameters(), a.max_grad_norm)
-                            norms += [float(norm)] if norm is not None else []
-                        self.opt.step()
-                        self.opt.zero_grad()
-                losses.append(step_loss)
-        self.model.eval()
+            norms = self.all_sum([[sum(s["length"] for s in c), len(c)] for c in chunks])
+            for chunk, (n_tok, n_seq) in zip(chunks, norms):
+                loss_fn = functools.partial(self.grpo_micro_loss, m=m, n_tok=n_tok, n_seq=n_seq, first=epoch == 0,
+                                            fresh=fresh)
+                losses.append(self.optimize(chunk, m, self.temperature, loss_fn))
         m.add("loss", sum(losses) / len(losses))  # SUM_KEYS: this rank's share of the global loss
-        m.mean_of("grad_norm", norms)
-        m.add("logprob_gap", gap[0], int(gap[1]))
+
+    def loss_batch(self, seqs, m):
+        """Step 6 and what the loss needs besides the policy's own log-probs: the sequences with a nonzero
+        advantage (`adv`), their log-probs before the update (`old`, unless one update on fresh samples makes
+        them the detached current ones) and under the reference (`ref`, --beta > 0). Returns (batch, the number
+        of mini-batches: the same on every rank, which must make the same number of updates; 0: no update)."""
+        a, acc = self.args, self.acc
+        adv, zero = self.advantages(seqs, m)
+        keep = [i for i, s in enumerate(seqs) if not zero[i] and not (a.mask_truncated and s["truncated"])]
+        m.add("update/seqs", len(keep))
+        counts = torch.tensor([len(keep)], device=acc.device)
+        counts = acc.gather(counts) if self.world > 1 else counts  # (W,): every rank's loss-batch size
+        busiest = int(counts.max())
+        if busiest == 0:
+            return [], 0
+        n_mb = math.ceil(busiest / (a.mini_batch_size or busiest))
+        batch = [dict(seqs[i], adv=float(adv[i])) for i in keep]
+        fresh = a.ppo_epochs == 1 and n_mb == 1
+        with torch.no_grad(), acc.autocast():
+            for key, policy in (("old", None if fresh else acc.unwrap_model(self.model)), ("ref", self.ref)):
+                for s, lp in zip(batch, self._logprobs(policy, batch) if policy is not None else []):
+                    s[key] = lp
+        return batch, n_mb
+
+    def grpo_micro_loss(self, micro, inputs, logp, ent, mask, *, m, n_tok, n_seq, first, fresh):
+        """Eq. 7's clipped loss of one micro-batch, normalised by the mini-batch's global counts, and its metrics
+        (an empty micro-batch's dummy row adds nothing: Metrics.add skips a count of 0)."""
+        a = self.args
+        old_lp = logp.detach() if fresh else _stack(micro, "old", logp)
+        ref_lp = _stack(micro, "ref", logp) if self.ref is not None else None
+        adv = torch.tensor([s["adv"] for s in micro] or [0.0], device=logp.device)
+        loss, st = grpo_loss(logp, old_lp, ref_lp, adv, mask, a.epsilon, a.epsilon_high, a.beta, a.loss_type,
+                             self.max_len_norm, n_tok, n_seq)
+        m.add("clip_ratio", st["clipped"], int(st["tokens"]))
+        if a.beta:
+            m.add("kl", st["kl"], int(st["tokens"]))
+        if first:  # once per rollout: the forward's input tokens (padding included), entropy, sampler gap
+            m.add("update/tokens", inputs["input_ids"].numel(), len(micro))
+            m.add("entropy", float((ent * mask).sum()), int(st["tokens"]))
+            m.add("logprob_gap", float(((_stack(micro, "logprobs", logp) - old_lp).abs() * mask).sum()),
+                  int(mask.sum()))
+        return loss
+
+    def optimize(self, rows, m, temperature, loss_fn):
+        """One optimizer update on `rows`, in exactly --grad-accum micro-batches (`micro_batches`); shared by
+        GRPO and SFT. loss_fn(micro, inputs, logp, ent, mask) -> the micro-batch's part of the globally
+        normalised loss. Returns this rank's summed loss."""
+        acc, total = self.acc, 0.0
+        self.model.train()
+        for micro in self.micro_batches(rows):
+            with acc.accumulate(self.model):
+                inputs, mask = self.collate(micro)
+                logp, ent = self.model(**inputs, temperature=temperature)  # (N, C) each
+                loss = loss_fn(micro, inputs, logp, ent, mask)
+                # DDP averages gradients over ranks and accelerator.backward divides by G: undo both, so the
+                # gradient is that of the globally normalised loss
+                acc.backward(loss * self.world * self.args.grad_accum)
+                total += float(loss.detach())
+                if acc.sync_gradients:  # DeepSpeed clips by its config and may report no norm
+                    norm = acc.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+                    m.mean_of("grad_norm", [float(norm)] if norm is not None else [])
+                self.opt.step()
+                self.opt.zero_grad()
+        self.model.eval()
+        return total
 
     @property
     def max_len_norm(self):
@@ -853,30 +862,16 @@ class Trainer:
     # -- one SFT step
     def sft_step(self):
         """Cross-entropy (token-mean over the global batch) on the next --questions-per-step examples."""
-        a, acc, W = self.args, self.acc, self.world
         m, t_step = Metrics(), time.perf_counter()
-        q_local = a.questions_per_step // W
-        idx = self.stream.take(a.questions_per_step)[self.rank * q_local:(self.rank + 1) * q_local]
-        rows = [self.examples[i] for i in idx]
+        rows = [self.examples[i] for i in self.my_share(self.stream.take(self.args.questions_per_step))]
         (n_tok,) = self.all_sum([sum(len(r["tokens"]) for r in rows)])
         m.add("lr", self.set_lr())
-        self.model.train()
-        total = 0.0
-        for micro in self.micro_batches(rows):
-            with acc.accumulate(self.model):
-                inputs, mask = self.collate(micro)
-                logp, ent = self.model(**inputs, temperature=1.0)
-                loss = -(logp * mask).sum() / n_tok
-                acc.backward(loss * W * a.grad_accum)
-                total += float(loss.detach())
-                m.add("entropy", float((ent * mask).sum()), int(mask.sum()))
-                if acc.sync_gradients:
-                    norm = acc.clip_grad_norm_(self.model.parameters(), a.max_grad_norm)
-                    m.add("grad_norm", float(norm) if norm is not None else 0.0, int(norm is not None))
-                self.opt.step()
-                self.opt.zero_grad()
-        self.model.eval()
-        m.add("loss", total)
+
+        def loss_fn(micro, inputs, logp, ent, mask):
+            m.add("entropy", float((ent * mask).sum()), int(mask.sum()))
+            return -(logp * mask).sum() / n_tok
+
+        m.add("loss", self.optimize(rows, m, 1.0, loss_fn))
         for kind in ("response", "critique"):
             m.mean_of(f"len/{kind}", [len(r["tokens"]) for r in rows if r["kind"] == kind])
         dt = time.perf_counter() - t_step
@@ -1034,20 +1029,17 @@ def build_parser():
                    help="dynamic pairs: balance = drop all-right / all-wrong questions, keep one right + one wrong "
                         "(the paper's filter); random = two responses per question drawn uniformly (Table 2's "
                         "random sampling; with --critique-reward reweight its middle row)")
-    g.add_argument("--cache-capacity", type=int, default=4096, help="QRCache size per process (oldest pairs evicted)")
     g.add_argument("--critique-template", default=None, help="critique prompt: a name in critique.CRITIQUE_TEMPLATES "
                                                              "or a format string with {question} and {response}")
     g.add_argument("--static-pairs", default=None, help="static pairs: jsonl {question, response, label} "
                                                         "(or jsonl:PATH / gsm8k-solutions:PATH) instead of building them")
     g.add_argument("--static-k", type=int, default=10, help="static pairs: responses per question when building them")
     g.add_argument("--static-questions", type=int, default=0, help="static pairs: questions used to build them (0 = all)")
-    g.add_argument("--acc-ema", type=float, default=0.9, help="decay of the running first-order accuracy E[R(r)]")
     g = p.add_argument_group("GRPO loss")
     g.add_argument("--group-mode", choices=("per-prompt", "shared"), default="per-prompt",
                    help="per-prompt: a group per question and per pair; shared: all samples of a step in one group")
     g.add_argument("--scale-rewards", type=_flag, default=True, metavar="{true,false}",
                    help="divide advantages by the group std (false: Dr. GRPO; TRL's 'group' / 'none' work too)")
-    g.add_argument("--adv-eps", type=float, default=1e-4, help="eps in (r - mean) / (std + eps)")
     g.add_argument("--loss-type", choices=LOSS_TYPES, default="token-mean",
                    help="token-mean: over all tokens of the global batch (DAPO); seq-mean: per sequence, then mean "
                         "(GRPO); dr-grpo: token sum / (sequences x max length)")
@@ -1101,9 +1093,8 @@ BAR = {"reward/response": "rew", "acc/response": "acc", "reward/critique": "c_re
 SHOW = tuple(BAR) + ("critic/wrong_rate", "frac_reward_zero_std", "eval/acc/response", "time/step")
 
 
-def main(argv=None):
-    """Train; returns the run dir (OUT). Ctrl-C / SIGTERM: finish the step, save a checkpoint, return."""
-    args = build_parser().parse_args(argv)
+def check_flags(args):
+    """The flag errors that need no model: before anything loads."""
     for flag, v in (("--num-generations", args.num_generations), ("--questions-per-step", args.questions_per_step),
                     ("--max-steps", args.max_steps), ("--grad-accum", args.grad_accum),
                     ("--ppo-epochs", args.ppo_epochs), ("--critiques-per-pair", args.critiques_per_pair)):
@@ -1113,9 +1104,14 @@ def main(argv=None):
         raise ConfigError("--num-generations must be >= 2 for per-prompt GRPO groups (or use --group-mode shared)")
     if args.static_pairs and (args.mode, args.pairs) not in (("c", None), ("c", "static"), ("gc", "static")):
         raise ConfigError("--static-pairs is for static pairs only (--mode c, or --mode gc --pairs static)")
+    if args.resume not in (None, "auto") and not (Path(args.resume) / "trainer_state.json").is_file():
+        raise ConfigError(f"--resume {args.resume}: not a checkpoint dir (no trainer_state.json)")
 
-    tr = Trainer(args)
-    acc, out = tr.acc, tr.out
+
+def start_run(tr):
+    """Static pairs, --resume, and the run files: metrics / samples cut back to the checkpoint's step (or
+    cleared), train_config.json, the tracker."""
+    args, acc, out = tr.args, tr.acc, tr.out
     if tr.pairs == "static":
         tr.setup_static_pairs()
     resume = args.resume
@@ -1124,76 +1120,91 @@ def main(argv=None):
         resume = str(cks[-1]) if cks else None
         if resume is None:
             acc.print(f"[gcrl] --resume auto: no checkpoint in {out}, starting fresh")
-    elif resume and not (Path(resume) / "trainer_state.json").is_file():
-        raise ConfigError(f"--resume {resume}: not a checkpoint dir (no trainer_state.json)")
     if resume:
         tr.load(resume)
         acc.print(f"[gcrl] resumed from {resume} at step {tr.step}")
     if acc.is_main_process:
-        if resume:
-            _truncate_jsonl(out / "metrics.jsonl", tr.step)
-            _truncate_jsonl(out / "samples.jsonl", tr.step)
-        else:
-            for f in ("metrics.jsonl", "samples.jsonl"):
-                (out / f).unlink(missing_ok=True)
+        for f in ("metrics.jsonl", "samples.jsonl"):
+            _truncate_jsonl(out / f, tr.step) if resume else (out / f).unlink(missing_ok=True)
         cfg = dict(vars(args), num_processes=tr.world, device=str(acc.device), torch=torch.__version__)
         data.write_json(out / "train_config.json", cfg)  # not config.json: that name marks an HF model dir
     if args.report_to != "none":
         acc.init_trackers("gcrl", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
 
-    # Ctrl-C / SIGTERM: finish the step, checkpoint, exit; a second signal exits at once
-    stop = {"sig": None}
-    old_handlers = {}
+
+@contextlib.contextmanager
+def stop_signals(step_of):
+    """Inside: Ctrl-C / SIGTERM set stop["sig"] (the loop finishes the step, checkpoints, exits); a second
+    signal exits at once. step_of() names the step being run."""
+    stop, old = {"sig": None}, {}
 
     def on_signal(signum, frame):
         stop["sig"] = signal.Signals(signum).name
-        print(f"\n[gcrl] {stop['sig']}: finishing step {tr.step + 1}, then saving a checkpoint "
+        print(f"\n[gcrl] {stop['sig']}: finishing step {step_of()}, then saving a checkpoint "
               f"(send it again to exit at once)", file=sys.stderr, flush=True)
-        signal.signal(signum, old_handlers.get(signum, signal.SIG_DFL))
+        signal.signal(signum, old.get(signum, signal.SIG_DFL))
 
     try:
         for s in (signal.SIGINT, signal.SIGTERM):
-            old_handlers[s] = signal.signal(s, on_signal)
+            old[s] = signal.signal(s, on_signal)
     except ValueError:  # not the main thread: no signal handling
-        old_handlers = {}
+        old = {}
+    try:
+        yield stop
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
+
+def log_step(tr, m, bar):
+    """The step's metrics, reduced over ranks, into metrics.jsonl, the progress bar and the tracker."""
+    args, acc = tr.args, tr.acc
+    row = dict(step=tr.step, **m.reduce(acc), **peak_memory(acc.device))  # memory: this rank's, so far
+    if acc.is_main_process:
+        with open(tr.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        bar.update(1)
+        bar.set_postfix({short: f"{row[k]:.3g}" for k, short in BAR.items() if k in row})
+        if args.log_every and tr.step % args.log_every == 0:
+            bar.write(" ".join(f"{k}={row[k]:.4g}" for k in ("step",) + SHOW if k in row))
+    if args.report_to != "none":
+        acc.log(row, step=tr.step)
+
+
+def main(argv=None):
+    """Train; returns the run dir (OUT). Ctrl-C / SIGTERM: finish the step, save a checkpoint, return."""
     from tqdm import tqdm
+    args = build_parser().parse_args(argv)
+    check_flags(args)
+    tr = Trainer(args)
+    acc = tr.acc
+    start_run(tr)
     bar = tqdm(total=args.max_steps, initial=tr.step, desc=f"gcrl {args.mode}", disable=not acc.is_main_process,
                dynamic_ncols=True)
-    acc.print(f"[gcrl] mode {args.mode}, {tr.world} process(es) on {acc.device}, out {out}")
+    acc.print(f"[gcrl] mode {args.mode}, {tr.world} process(es) on {acc.device}, out {tr.out}")
     try:
-        while tr.step < args.max_steps:
-            m = tr.rl_step() if args.mode != "sft" else tr.sft_step()
-            tr.step += 1
-            if tr.eval_records and (tr.step % args.eval_every == 0 or tr.step == args.max_steps):
-                tr.evaluate(m)
-            row = dict(step=tr.step, **m.reduce(acc), **peak_memory(acc.device))  # memory: this rank's, so far
-            if acc.is_main_process:
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                bar.update(1)
-                bar.set_postfix({short: f"{row[k]:.3g}" for k, short in BAR.items() if k in row})
-                if args.log_every and tr.step % args.log_every == 0:
-                    bar.write(" ".join(f"{k}={row[k]:.4g}" for k in ("step",) + SHOW if k in row))
-            if args.report_to != "none":
-                acc.log(row, step=tr.step)
-            flag = torch.tensor([1.0 if stop["sig"] else 0.0], device=acc.device)
-            stopping = bool(acc.reduce(flag, "sum") > 0) if tr.world > 1 else stop["sig"] is not None
-            if stopping or tr.step == args.max_steps or (args.save_every and tr.step % args.save_every == 0):
-                ck = tr.save(final=tr.step == args.max_steps)
-                if stopping:
-                    acc.print(f"[gcrl] stopped by {stop['sig'] or 'a signal on another rank'} after step {tr.step}; "
-                              f"checkpoint: {ck} (continue with --resume auto)")
-                    break
+        with stop_signals(lambda: tr.step + 1) as stop:
+            while tr.step < args.max_steps:
+                m = tr.rl_step() if args.mode != "sft" else tr.sft_step()
+                tr.step += 1
+                if tr.eval_records and (tr.step % args.eval_every == 0 or tr.step == args.max_steps):
+                    tr.evaluate(m)
+                log_step(tr, m, bar)
+                flag = torch.tensor([1.0 if stop["sig"] else 0.0], device=acc.device)
+                stopping = bool(acc.reduce(flag, "sum") > 0) if tr.world > 1 else stop["sig"] is not None
+                if stopping or tr.step == args.max_steps or (args.save_every and tr.step % args.save_every == 0):
+                    ck = tr.save(final=tr.step == args.max_steps)
+                    if stopping:
+                        acc.print(f"[gcrl] stopped by {stop['sig'] or 'a signal on another rank'} after step "
+                                  f"{tr.step}; checkpoint: {ck} (continue with --resume auto)")
+                        break
     finally:
         bar.close()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
         if args.report_to != "none":
             acc.end_training()
     if tr.step == args.max_steps:
-        acc.print(f"[gcrl] done: {args.max_steps} steps; model in {out / 'final'}")
-    return str(out)
+        acc.print(f"[gcrl] done: {args.max_steps} steps; model in {tr.out / 'final'}")
+    return str(tr.out)
 
 
 if __name__ == "__main__":

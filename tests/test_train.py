@@ -354,8 +354,9 @@ def test_kv_cache_is_freed_before_the_update(monkeypatch, tiny_dir, qspec, tmp_p
 def test_resume_continues_exactly(monkeypatch, tiny_dir, qspec, tmp_path):
     """4 steps straight == 2 steps, then --resume auto to 4: same parameters, same metrics."""
     hash_rewards(monkeypatch)
+    monkeypatch.setattr(train, "CACHE_CAPACITY", 6)  # evictions happen, and must resume exactly too
     common = {"--mode": "gc", "--max-completion-length": 8, "--max-critique-length": 8, "--beta": 0.05,
-              "--cache-capacity": 6, "--pairs-per-step": 2}
+              "--pairs-per-step": 2}
     a, b = tmp_path / "straight", tmp_path / "resumed"
     train.main(base_args(tiny_dir, qspec, a, **dict(common, **{"--max-steps": 4})))
     train.main(base_args(tiny_dir, qspec, b, **dict(common, **{"--max-steps": 2})))
