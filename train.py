@@ -1125,7 +1125,10 @@ def start_run(tr):
         acc.print(f"[gcrl] resumed from {resume} at step {tr.step}")
     if acc.is_main_process:
         for f in ("metrics.jsonl", "samples.jsonl"):
-            _truncate_jsonl(out / f, tr.step) if resume else (out / f).unlink(missing_ok=True)
+            if resume:
+                _truncate_jsonl(out / f, tr.step)
+            else:
+                (out / f).unlink(missing_ok=True)
         cfg = dict(vars(args), num_processes=tr.world, device=str(acc.device), torch=torch.__version__)
         data.write_json(out / "train_config.json", cfg)  # not config.json: that name marks an HF model dir
     if args.report_to != "none":
