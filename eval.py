@@ -69,31 +69,6 @@ def majority_hits(groups):
     return [i is not None and bool(g[i]["correct"]) for g, i in zip(groups, picks)]
 
 
-def classification_metrics(verdicts, labels, zero_division=None):
-    """Critic metrics of verdicts ("right" | "wrong" | None) against labels (True: the response is right), "right"
-    the positive class (§5.4). No verdict is a wrong call: it lowers accuracy and recall but is no false positive.
-    A 0/0 precision, recall or F1 is `zero_division` (None: null in JSON; sklearn uses 0), named in `undefined`."""
-    if len(verdicts) != len(labels):
-        raise ValueError(f"{len(verdicts)} verdicts but {len(labels)} labels")
-    for v in verdicts:
-        if v not in ("right", "wrong", None):
-            raise ValueError(f"verdict must be 'right', 'wrong' or None, got {v!r}")
-    said = Counter((v, bool(y)) for v, y in zip(verdicts, labels))
-    tp, fp, tn, pos = said["right", True], said["right", False], said["wrong", False], sum(map(bool, labels))
-    precision = tp / (tp + fp) if tp + fp else None
-    recall = tp / pos if pos else None
-    f1 = 2 * precision * recall / (precision + recall) if precision and recall else None  # tp = 0 zeroes both
-    undefined = {k: why for k, v, why in (("precision", precision, "no 'right' verdicts (0/0)"),
-                                          ("recall", recall, "no right responses in the set (0/0)"),
-                                          ("f1", f1, "precision or recall undefined" if None in (precision, recall)
-                                           else "precision + recall = 0 (0/0)")) if v is None}
-    if zero_division is not None:
-        precision, recall, f1 = (zero_division if x is None else x for x in (precision, recall, f1))
-    return dict(n=len(labels), tp=tp, fp=fp, tn=tn, fn=pos - tp, accuracy=(tp + tn) / len(labels) if labels else None,
-                precision=precision, recall=recall, f1=f1, format_rate=accuracy(v is not None for v in verdicts),
-                wrong_rate=accuracy(v == "wrong" for v in verdicts), undefined=undefined)
-
-
 def generation_metrics(greedy, samples=None):
     """Generation block from scored responses: `greedy` one per question, `samples` k per question (or None)."""
     samples = samples or []
@@ -112,7 +87,7 @@ def generation_metrics(greedy, samples=None):
 
 def critique_metrics(crits, pairs, source, c, k_ref=0):
     """Critique block from second-order rollout outputs (each with `verdict`, `label`, `bonus`, `length`, ...)."""
-    m = classification_metrics([x["verdict"] for x in crits], [bool(x["label"]) for x in crits])
+    m = reward.classification_metrics([x["verdict"] for x in crits], [bool(x["label"]) for x in crits])
     plain = [reward.critique_reward(x["verdict"], bool(x["label"])) for x in crits]
     return dict(source=source, n_pairs=len(pairs), n_right=sum(1 for p in pairs if p["label"]),
                 n_wrong=sum(1 for p in pairs if not p["label"]), samples_per_pair=c, n_critiques=len(crits),

@@ -236,6 +236,36 @@ def extract_verdict(text):
     return _VERDICTS.get(word)
 
 
+def classification_metrics(verdicts, labels, zero_division=None):
+    """Critic metrics of verdicts ("right" | "wrong" | None) against labels (True: the response is right), "right"
+    the positive class (§5.4), for training's per-step metrics and eval alike. No verdict is a wrong call: it
+    lowers accuracy and recall but is no false positive. Counts (tp, fp, tn, fn, wrong, formatted) and rates; a
+    0/0 rate is `zero_division` (None: null in JSON; sklearn uses 0), and the 0/0 precision / recall / F1 are
+    named in `undefined`."""
+    if len(verdicts) != len(labels):
+        raise ValueError(f"{len(verdicts)} verdicts but {len(labels)} labels")
+    if any(v not in ("right", "wrong", None) for v in verdicts):
+        raise ValueError(f"verdicts must be 'right', 'wrong' or None, got {set(verdicts) - {'right', 'wrong', None}}")
+    n, labels = len(labels), [bool(y) for y in labels]
+    tp = sum(v == "right" and y for v, y in zip(verdicts, labels))
+    fp = sum(v == "right" and not y for v, y in zip(verdicts, labels))
+    tn = sum(v == "wrong" and not y for v, y in zip(verdicts, labels))
+    pos, wrong, formatted = sum(labels), verdicts.count("wrong"), n - verdicts.count(None)
+    precision = tp / (tp + fp) if tp + fp else None
+    recall = tp / pos if pos else None
+    f1 = 2 * precision * recall / (precision + recall) if precision and recall else None  # tp = 0 zeroes both
+    undefined = {k: why for k, v, why in (("precision", precision, "no 'right' verdicts (0/0)"),
+                                          ("recall", recall, "no right responses in the set (0/0)"),
+                                          ("f1", f1, "precision or recall undefined" if None in (precision, recall)
+                                           else "precision + recall = 0 (0/0)")) if v is None}
+    if zero_division is not None:
+        precision, recall, f1 = (zero_division if x is None else x for x in (precision, recall, f1))
+    rate = (lambda k: k / n) if n else (lambda k: None)
+    return dict(n=n, tp=tp, fp=fp, tn=tn, fn=pos - tp, wrong=wrong, formatted=formatted, accuracy=rate(tp + tn),
+                precision=precision, recall=recall, f1=f1, format_rate=rate(formatted), wrong_rate=rate(wrong),
+                undefined=undefined)
+
+
 # (reward for a right response judged "right", reward for a wrong response judged "wrong"); any other
 # verdict scores 0. For "reweight" the two entries are divided by p and (1 - p), p = running accuracy.
 CRITIQUE_REWARDS = {

@@ -694,13 +694,13 @@ class Trainer:
 
     @staticmethod
     def _critique_metrics(m, crits):
-        said_right = [c for c in crits if c["verdict"] == "right"]
+        k = reward.classification_metrics([c["verdict"] for c in crits], [c["label"] for c in crits])  # counts
         m.mean_of("reward/critique", [c["reward"] for c in crits])
-        m.mean_of("acc/critique", [(c["verdict"] == "right") == c["label"] and c["verdict"] is not None for c in crits])
-        m.add("critic/precision", sum(c["label"] for c in said_right), len(said_right))  # "right" = positive
-        m.add("critic/recall", sum(c["label"] for c in said_right), sum(c["label"] for c in crits))
-        m.mean_of("critic/wrong_rate", [c["verdict"] == "wrong" for c in crits])
-        m.mean_of("critic/format_rate", [c["verdict"] is not None for c in crits])
+        m.add("acc/critique", k["tp"] + k["tn"], k["n"])
+        m.add("critic/precision", k["tp"], k["tp"] + k["fp"])  # "right" is the positive class (§5.4)
+        m.add("critic/recall", k["tp"], k["tp"] + k["fn"])
+        m.add("critic/wrong_rate", k["wrong"], k["n"])
+        m.add("critic/format_rate", k["formatted"], k["n"])
         m.mean_of("len/critique", [c["length"] for c in crits])
         m.mean_of("trunc/critique", [c["truncated"] for c in crits])
 

@@ -5,6 +5,7 @@ import json
 import pytest
 
 import eval as ev
+import reward
 from conftest import SHARED, make_model, make_tokenizer
 
 # ----------------------------------------------------------------------------- pure metrics
@@ -14,7 +15,7 @@ def test_classification_metrics_hand_counted():
     # idx:       0        1        2        3        4        5     6        7
     verdicts = ["right", "right", "right", "wrong", "wrong", None, "wrong", "wrong"]
     labels = [True, True, False, True, False, True, False, False]
-    m = ev.classification_metrics(verdicts, labels)
+    m = reward.classification_metrics(verdicts, labels)
     # tp = {0,1}, fp = {2}, tn = {4,6,7}, fn = {3,5} (no verdict on a right response is a miss)
     assert (m["tp"], m["fp"], m["tn"], m["fn"], m["n"]) == (2, 1, 3, 2, 8)
     assert m["accuracy"] == pytest.approx(5 / 8)
@@ -27,31 +28,31 @@ def test_classification_metrics_hand_counted():
 
 
 def test_classification_metrics_never_a_verdict():
-    m = ev.classification_metrics([None] * 4, [True, False, True, False])
+    m = reward.classification_metrics([None] * 4, [True, False, True, False])
     assert m["format_rate"] == 0.0 and m["wrong_rate"] == 0.0
     assert m["accuracy"] == 0.0  # no verdict counts as a wrong call
     assert m["precision"] is None and "precision" in m["undefined"]  # 0/0 -> null, not ZeroDivisionError
     assert m["recall"] == 0.0  # 0 of 2 right responses called right
     assert m["f1"] is None and "f1" in m["undefined"]
-    z = ev.classification_metrics([None] * 4, [True, False, True, False], zero_division=0.0)
+    z = reward.classification_metrics([None] * 4, [True, False, True, False], zero_division=0.0)
     assert (z["precision"], z["recall"], z["f1"]) == (0.0, 0.0, 0.0) and "precision" in z["undefined"]
 
 
 def test_classification_metrics_zero_division_cases():
     # no right responses: recall 0/0
-    m = ev.classification_metrics(["wrong", "right"], [False, False])
+    m = reward.classification_metrics(["wrong", "right"], [False, False])
     assert m["recall"] is None and "recall" in m["undefined"] and m["precision"] == 0.0 and m["accuracy"] == 0.5
     # always inverted: P = R = 0, F1 = 0/0
-    m = ev.classification_metrics(["wrong", "right"], [True, False])
+    m = reward.classification_metrics(["wrong", "right"], [True, False])
     assert m["precision"] == 0.0 and m["recall"] == 0.0 and m["f1"] is None and "f1" in m["undefined"]
-    assert ev.classification_metrics(["wrong"], [True], zero_division=0.0)["f1"] == 0.0
+    assert reward.classification_metrics(["wrong"], [True], zero_division=0.0)["f1"] == 0.0
     # empty input: everything null, no crash
-    e = ev.classification_metrics([], [])
+    e = reward.classification_metrics([], [])
     assert e["accuracy"] is None and e["format_rate"] is None
     with pytest.raises(ValueError):
-        ev.classification_metrics(["maybe"], [True])
+        reward.classification_metrics(["maybe"], [True])
     with pytest.raises(ValueError):
-        ev.classification_metrics(["right"], [True, False])
+        reward.classification_metrics(["right"], [True, False])
 
 
 def test_majority_vote():

@@ -578,3 +578,21 @@ def test_ablation_flags_refuse_what_they_do_not_mean(tiny_dir, qspec, tmp_path):
                       ({"--mode": "gc", "--static-pairs": "x.jsonl"}, "--static-pairs is for static pairs only")):
         with pytest.raises(train.ConfigError, match=msg):
             train.main(base_args(tiny_dir, qspec, tmp_path / "bad", **over))
+
+
+def test_training_critic_metrics_are_evals():
+    """The per-step critic metrics (train) and eval's come from one function: the same numbers on the same
+    verdicts, including a missing verdict (no false positive, but a wrong call)."""
+    import reward
+    verdicts = ["right", "right", "wrong", None, "wrong", "right", None, "wrong"]
+    labels = [True, False, False, True, True, True, False, False]
+    crits = [dict(verdict=v, label=y, reward=0.0, length=1, truncated=False) for v, y in zip(verdicts, labels)]
+    m = train.Metrics()
+    train.Trainer._critique_metrics(m, crits)
+    got = m.reduce(SimpleNamespace(num_processes=1))
+    want = reward.classification_metrics(verdicts, labels)
+    assert got["acc/critique"] == want["accuracy"] == 4 / 8  # tp 2 (rows 0, 5), tn 2 (rows 2, 7)
+    assert got["critic/precision"] == want["precision"] == 2 / 3
+    assert got["critic/recall"] == want["recall"] == 2 / 4
+    assert got["critic/wrong_rate"] == want["wrong_rate"] == 3 / 8
+    assert got["critic/format_rate"] == want["format_rate"] == 6 / 8
