@@ -100,15 +100,52 @@ def load_tokenizer(name_or_path="smollm2-135m"):
     return tok
 
 
-def load_policy(name_or_path="smollm2-135m", dtype=torch.float32, device="cpu"):
-    """(model, tokenizer) for an alias (`smollm2-135m`), HF id or checkpoint dir; the model in eval mode on `device`."""
-    from transformers import AutoModelForCausalLM
+def load_policy(name_or_path="smollm2-135m", dtype=torch.float32, device="cpu", empty=False):
+    """(model, tokenizer) for an alias (`smollm2-135m`), HF id or checkpoint dir; the model in eval mode on `device`.
+    empty: read no weights: the architecture, on the CPU, with uninitialised parameters and real buffers (rotary
+    frequencies), for ranks > 0 under FSDP2's cpu-RAM-efficient loading, whose prepare broadcasts rank 0's weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
     path = resolve_model(name_or_path)
     tok = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    if empty:
+        from accelerate import init_empty_weights
+        with init_empty_weights():  # parameters on meta (no init, no memory), buffers computed for real
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+        model.tie_weights()  # init_empty_weights re-creates every parameter it registers: a tie becomes two
+        _materialize(model)
+    else:
+        # real weights on this rank whatever the launcher: under Accelerate's FSDP env vars transformers leaves
+        # tensors of ranks > 0 that the checkpoint lacks on meta (transformers' is_fsdp_enabled)
+        with _env_unset("FSDP_CPU_RAM_EFFICIENT_LOADING"):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    model.eval()
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     return model, tok
+
+
+@contextlib.contextmanager
+def _env_unset(name):
+    """Inside: environment variable `name` unset (restored on exit)."""
+    old = os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        if old is not None:
+            os.environ[name] = old
+
+
+def _materialize(model):
+    """Meta parameters -> uninitialised CPU ones (torch.empty: pages never touched before FSDP2's prepare moves the
+    model back to meta, so no resident RAM). Not left on meta: Accelerate maps the optimizer's parameters to the
+    sharded ones by data_ptr(), which is 0 for every meta tensor. A tied weight (LM head = embeddings) stays one."""
+    new = {}
+    for m in model.modules():
+        for n, p in m._parameters.items():
+            if p is not None and p.is_meta:
+                if id(p) not in new:
+                    new[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad)
+                m._parameters[n] = new[id(p)]
 
 
 def default_stop_ids(tokenizer):

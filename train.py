@@ -154,6 +154,12 @@ class Policy(torch.nn.Module):
         self.lm = lm
         self._no_split_modules = getattr(lm, "_no_split_modules", None)  # FSDP wraps (shards) one decoder layer each
 
+    def tie_weights(self):
+        """The LM's (head = embeddings). FSDP2's cpu-RAM-efficient prepare calls it after moving the model to meta
+        and after loading rank 0's weights, both of which untie; without it the head becomes a second, untrained
+        parameter."""
+        self.lm.tie_weights()
+
     def forward(self, input_ids, index, targets, valid, temperature=1.0, position_ids=None, attention_mask=None):
         h = self.lm.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                           use_cache=False).last_hidden_state  # (R, T, D)
@@ -498,7 +504,11 @@ class Trainer:
     def _models(self):
         """The policy (trainable, prepared with its optimizer), the frozen reference (--beta > 0), the sampler."""
         a, acc = self.args, self.acc
-        lm, self.tok = rollout.load_policy(a.model, dtype=torch.float32, device=acc.device)
+        # FSDP2 cpu-RAM-efficient loading (fsdp_cpu_ram_efficient_loading): rank 0 reads the checkpoint, onto the
+        # CPU; the other ranks build it empty; prepare shards it and broadcasts rank 0's weights to every rank
+        lazy = self.sharding == "fsdp2" and acc.state.fsdp_plugin.cpu_ram_efficient_loading
+        lm, self.tok = rollout.load_policy(a.model, dtype=torch.float32, device="cpu" if lazy else acc.device,
+                                           empty=lazy and not acc.is_main_process)
         lm.config.use_cache = False
         if a.gradient_checkpointing:
             lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -515,6 +525,7 @@ class Trainer:
         if a.beta and a.mode != "sft":
             # sharded runs are for models too large for a second fp32 copy on every rank: the frozen one in bf16
             ref_dtype = torch.bfloat16 if self.sharding and a.mixed_precision == "bf16" else torch.float32
+            # never prepared, so nothing broadcasts into it: every rank reads its real weights (load_policy)
             ref_lm, _ = rollout.load_policy(a.model, dtype=ref_dtype, device=acc.device)
             self.ref = Policy(ref_lm).eval().requires_grad_(False)
         # auto: sample in the precision the trainer computes in (None: the model's own, fp32)

@@ -5,9 +5,10 @@ configs/accelerate/fsdp2.yaml` over gloo, against the same run under DDP. Accele
 accelerators: on CPU it builds the FSDP plugin from the launcher's environment, then quietly runs DDP. This file,
 run once per rank as the driver, does what AcceleratorState does on a GPU machine (distributed type FSDP in
 AcceleratorState and PartialState, the plugin kept); everything after that (fully_shard, clipping,
-get_state_dict, save_state, load_state) is Accelerate's own FSDP2 path. The driver uses the real rollout.Sampler
-(through train.full_weights), with rewards and verdicts from a hash of the sampled text, and saves each rank's
-final parameters, gathered, to OUT/rank{R}.pt.
+get_state_dict, save_state, load_state) is Accelerate's own FSDP2 path, cpu-RAM-efficient loading included (the
+config's fsdp_cpu_ram_efficient_loading). The driver uses the real rollout.Sampler (through train.full_weights),
+with rewards and verdicts from a hash of the sampled text, and saves each rank's final parameters, gathered, and
+its checkpoint reads (from_pretrained calls) to OUT/rank{R}.pt.
 
 DeepSpeed does not run here (no CUDA; its CPU backend needs oneCCL), and FSDP1 is not launched: their branches of
 train.full_weights are checked against stand-ins of the calls they make.
@@ -53,6 +54,7 @@ if __name__ == "__main__":  # the driver, one per rank
     import reward
     import train
     from torch.distributed.fsdp import FSDPModule
+    from transformers import AutoModelForCausalLM
 
     reward.response_reward = lambda text, gold, **kw: float(zlib.crc32(text.encode()) % 2)
     reward.extract_verdict = lambda text: ("right", "wrong")[zlib.crc32(text.encode()) % 3 % 2]
@@ -63,6 +65,9 @@ if __name__ == "__main__":  # the driver, one per rank
     unshards = []  # explicit FSDPModule.unshard calls (FSDP's own forward hooks do not come through here)
     unshard = FSDPModule.unshard
     FSDPModule.unshard = lambda self, *a, **kw: (unshards.append(type(self).__name__), unshard(self, *a, **kw))[1]
+    loads = []  # from_pretrained calls: this rank's reads of the checkpoint
+    load = AutoModelForCausalLM.from_pretrained
+    AutoModelForCausalLM.from_pretrained = lambda *a, **kw: (loads.append(a), load(*a, **kw))[1]
     save = train.Trainer.save
 
     def save_and_dump(self, final=False):
@@ -71,8 +76,11 @@ if __name__ == "__main__":  # the driver, one per rank
             n = len(unshards)
             with self.full_weights():  # (state_dict() would give FSDP2's shards: its hooks say so)
                 sd = {k: v.detach().clone() for k, v in self.lm().named_parameters(remove_duplicate=False)}
-            torch.save(dict(params=sd, sharding=self.sharding, unshards=n,
-                            units=sum(isinstance(m, FSDPModule) for m in self.model.modules())),
+            lm, plugin = self.lm(), getattr(self.acc.state, "fsdp_plugin", None)  # (DDP: none)
+            torch.save(dict(params=sd, sharding=self.sharding, unshards=n, loads=len(loads),
+                            units=sum(isinstance(m, FSDPModule) for m in self.model.modules()),
+                            ram_efficient=getattr(plugin, "cpu_ram_efficient_loading", None),
+                            tied=lm.get_output_embeddings().weight is lm.get_input_embeddings().weight),
                        self.out / f"rank{self.rank}.pt")
         return ck
 
@@ -85,11 +93,11 @@ from test_multiprocess import _free_port  # noqa: E402
 from test_train import base_args, metrics  # noqa: E402
 from test_train import one_thread, qspec, tiny_dir  # noqa: E402,F401  (fixtures)
 
-def launch(out, argv, fsdp, **env_over):
-    """2 CPU processes of this driver: FSDP2 from the repo's config file, or DDP (--multi_gpu)."""
+def launch(out, argv, fsdp, config=FSDP2_CONFIG, **env_over):
+    """2 CPU processes of this driver: FSDP2 from the repo's config file (or `config`), or DDP (--multi_gpu)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **env_over)
-    kind = ["--config_file", str(FSDP2_CONFIG)] if fsdp else ["--multi_gpu", "--mixed_precision", "no",
-                                                              "--dynamo_backend", "no"]
+    kind = ["--config_file", str(config)] if fsdp else ["--multi_gpu", "--mixed_precision", "no",
+                                                        "--dynamo_backend", "no"]
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", *kind, "--num_processes", "2",
            "--num_machines", "1", "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()),
            __file__] + argv
@@ -149,6 +157,35 @@ def test_fsdp2_matches_ddp(runs):
             assert a[k] == b[k], k
         for k in CLOSE:
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), k
+
+
+@pytest.fixture(scope="module")
+def full_load(tiny_dir, qspec, tmp_path_factory):
+    """The `runs` FSDP2 run with the repo's config but fsdp_cpu_ram_efficient_loading off: (out dir, dumps)."""
+    base = tmp_path_factory.mktemp("fsdp-full-load")
+    on, off = "fsdp_cpu_ram_efficient_loading: true", "fsdp_cpu_ram_efficient_loading: false"
+    assert on in FSDP2_CONFIG.read_text()
+    (base / "fsdp2.yaml").write_text(FSDP2_CONFIG.read_text().replace(on, off))
+    d = base / "run"
+    return d, launch(d, base_args(tiny_dir, qspec, d, **OVER), True, config=base / "fsdp2.yaml")
+
+
+def test_fsdp2_cpu_ram_efficient_loading(runs, full_load):
+    """The repo's config reads the checkpoint on rank 0 only: rank 1 builds an empty policy that Accelerate's
+    prepare fills with rank 0's weights, and reads it just once, for the reference model (--beta > 0; never
+    prepared, so nothing broadcasts into it). The tied LM head stays tied; the run is bitwise the one in which
+    every rank reads the policy itself (and within 1e-6 of DDP: test_fsdp2_matches_ddp)."""
+    (fd, (f0, f1)), (od, (o0, o1)) = runs["fsdp2"], full_load
+    assert f0["ram_efficient"] is f1["ram_efficient"] is True and o0["ram_efficient"] is False
+    assert (f0["loads"], f1["loads"], o0["loads"], o1["loads"]) == (2, 1, 2, 2)
+    assert f0["tied"] and f1["tied"] and o0["tied"] and o1["tied"]
+    assert set(f1["params"]) == set(o0["params"])
+    for k in o0["params"]:
+        assert torch.equal(f1["params"][k], o0["params"][k]), k
+    assert (fd / "samples.jsonl").read_text() == (od / "samples.jsonl").read_text()
+    for a, b in zip(metrics(fd), metrics(od), strict=True):
+        for k in EXACT + CLOSE:
+            assert a[k] == b[k], k
 
 
 def test_fsdp2_final_is_a_full_hf_checkpoint(runs):
