@@ -23,6 +23,7 @@ import logging
 import re
 import signal
 import threading
+from collections import Counter
 from fractions import Fraction
 from functools import lru_cache
 from itertools import accumulate
@@ -246,11 +247,9 @@ def classification_metrics(verdicts, labels, zero_division=None):
         raise ValueError(f"{len(verdicts)} verdicts but {len(labels)} labels")
     if any(v not in ("right", "wrong", None) for v in verdicts):
         raise ValueError(f"verdicts must be 'right', 'wrong' or None, got {set(verdicts) - {'right', 'wrong', None}}")
-    n, labels = len(labels), [bool(y) for y in labels]
-    tp = sum(v == "right" and y for v, y in zip(verdicts, labels))
-    fp = sum(v == "right" and not y for v, y in zip(verdicts, labels))
-    tn = sum(v == "wrong" and not y for v, y in zip(verdicts, labels))
-    pos, wrong, formatted = sum(labels), verdicts.count("wrong"), n - verdicts.count(None)
+    n, said = len(labels), Counter((v, bool(y)) for v, y in zip(verdicts, labels))
+    tp, fp, tn, pos = said["right", True], said["right", False], said["wrong", False], sum(map(bool, labels))
+    wrong, formatted = said["wrong", True] + tn, n - said[None, True] - said[None, False]
     precision = tp / (tp + fp) if tp + fp else None
     recall = tp / pos if pos else None
     f1 = 2 * precision * recall / (precision + recall) if precision and recall else None  # tp = 0 zeroes both
