@@ -8,7 +8,7 @@ line is printed before it starts (rerun it by hand to debug one run), its output
 results, and a short progress line is echoed. A failing run stops the grid and names its log.
 
 Layout of DIR:
-    cold_start.jsonl         critique.cold_start_data on arith train questions disjoint from the RL questions
+    cold_start.jsonl         teacher.cold_start_data on arith train questions disjoint from the RL questions
     sft/                     the ONE cold start (train.py --mode sft), shared by every method and seed: "w/o RL"
     critique_test.jsonl      the ONE balanced critique test set (eval.py --make-critique-set, from sft/final)
     <method>/seed<S>/        train.py --out (final/, metrics.jsonl, train.log), eval.json (+ eval.log), run.json
@@ -258,7 +258,7 @@ def record_run(step, res):
 
 
 def write_cold_start(args, dry_run=False):
-    """DIR/cold_start.jsonl: program-written solutions and critiques (critique.cold_start_data) on the arith
+    """DIR/cold_start.jsonl: program-written solutions and critiques (teacher.cold_start_data) on the arith
     train questions after the first --train-limit ones (the RL questions), so the two sets are disjoint."""
     path = cold_start_path(args)
     if path.exists():
@@ -266,14 +266,14 @@ def write_cold_start(args, dry_run=False):
     if not str(args.data).startswith("arith"):
         raise ExperimentError(f"--data {args.data}: the cold start's program teacher needs arith data; pass "
                               "--cold-start-data PATH.jsonl of {question, response, critique?} rows instead")
-    print(f"[experiment] cold-start data: critique.cold_start_data on {args.data} train questions "
+    print(f"[experiment] cold-start data: teacher.cold_start_data on {args.data} train questions "
           f"{args.train_limit}..{args.train_limit + args.cold_start_n - 1} -> {path}", flush=True)
     if dry_run:
         return
-    import critique
     import data
+    import teacher
     recs = data.load_data(args.data, split="train", limit=args.train_limit + args.cold_start_n, seed=args.shared_seed)
-    print(f"[experiment] {critique.cold_start_data(recs[args.train_limit:], path, seed=args.shared_seed)}", flush=True)
+    print(f"[experiment] {teacher.cold_start_data(recs[args.train_limit:], path, seed=args.shared_seed)}", flush=True)
 
 
 # settings that must agree across the invocations on one DIR (the rest: which methods, seeds, rows, report)

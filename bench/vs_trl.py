@@ -49,17 +49,17 @@ LIMIT = 256  # RL questions: the first 256 arith train records; the cold start u
 
 
 def cold_start(quick=False):
-    """The bench's starting checkpoint: SFT of SmolLM2-135M on critique.cold_start_data for 128 arith train
+    """The bench's starting checkpoint: SFT of SmolLM2-135M on teacher.cold_start_data for 128 arith train
     questions disjoint from the RL ones (program solutions + teacher critiques; eval.py --experiment's recipe:
     48 steps x 8 rows, lr 2e-5). Built once into runs/bench/cold (--quick: 2 steps into cold-quick); returns
     the path of its final/ model."""
-    import critique
+    import teacher
     out = RUNS / ("cold-quick" if quick else "cold")
     if not (out / "final" / "config.json").exists():
         recs = data.load_data("arith", split="train", limit=LIMIT + 128, seed=0)
         jsonl = RUNS / "cold_start.jsonl"
         RUNS.mkdir(parents=True, exist_ok=True)
-        critique.cold_start_data(recs[LIMIT:], jsonl, seed=0)
+        teacher.cold_start_data(recs[LIMIT:], jsonl, seed=0)
         train.main(["--mode", "sft", "--data", f"jsonl:{jsonl}", "--out", str(out), "--max-steps",
                     "2" if quick else "48", "--questions-per-step", "8", "--lr", "2e-5", "--seed", "0"])
     return str(out / "final")

@@ -5,6 +5,7 @@ import json
 import pytest
 
 import eval as ev
+import report
 import reward
 from conftest import SHARED, make_model, make_tokenizer
 
@@ -227,7 +228,7 @@ def test_plot_run_dir(tmp_path, capsys):
     assert all((run / "plots" / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in pngs)
     assert "skipped 1 unreadable line" in capsys.readouterr().out
     g_rows = [{k: v for k, v in r.items() if "critic" not in k} for r in METRIC_ROWS]  # a G-RL run
-    written = ev.plot_run(_fake_run(tmp_path, "g", g_rows, []))
+    written = report.plot_run(_fake_run(tmp_path, "g", g_rows, []))
     assert "critic.png" not in {p.name for p in written} and "reward.png" in {p.name for p in written}
 
 

@@ -1,0 +1,164 @@
+"""The cold-start teacher for `arith` (arXiv 2602.22765 §4): the paper distils GPT-5's critiques into the policy
+before RL; offline, a program plays the teacher. It writes right and wrong solutions (`synth_response`), a
+step-by-step critique of any response that ends in the verifier's verdict (`teacher_critique`), and the SFT file
+that teaches both formats (`cold_start_data`, read by `train.py --mode sft`). It needs arith's program steps; for
+other data, write {question, response, critique} rows with a stronger model, as the paper does.
+"""
+import random
+import re
+from fractions import Fraction
+
+import reward
+from data import DataError, write_jsonl
+
+_EQ = re.compile(r"(\d+(?:\.\d+)?)\s*([-+*/x×÷])\s*(\d+(?:\.\d+)?)\s*=\s*(-?\d+(?:\.\d+)?)")
+_OPS = {"+": "+", "-": "-", "*": "*", "x": "*", "×": "*", "/": "/", "÷": "/"}
+
+
+def _apply(a, op, b):
+    return a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else (a / b if b else None)
+
+
+def _num(x):
+    return str(x.numerator) if x.denominator == 1 else str(float(x))
+
+
+def _eq(a, op, b, c=None):
+    return f"{_num(a)} {op} {_num(b)}" + ("" if c is None else f" = {_num(c)}")
+
+
+def _equations(text):  # every `a op b = c` in the text, as (a, op, b, c) Fractions, op in + - * /
+    return [(Fraction(a), _OPS[op], Fraction(b), Fraction(c)) for a, op, b, c in _EQ.findall(text)]
+
+
+def _reference(record, where="record"):
+    if not record.get("steps"):
+        raise DataError(f"{where}: the program teacher needs an arith record with 'steps' (got keys "
+                        f"{sorted(record)}); for other data write {{question, response, critique}} jsonl yourself")
+    ref = [_equations(text) for text, _ in record["steps"]]
+    if not all(len(e) == 1 for e in ref):
+        raise DataError(f"{where}: cannot parse steps {record['steps']!r}")
+    return [e[0] for e in ref]
+
+
+def teacher_critique(record, response_text):
+    """A program's step-by-step critique of `response_text` for an arith record: it redoes each reference step,
+    compares it with the response's own `a op b = c` lines (an arithmetic slip, or right arithmetic on wrong
+    numbers when the step counts agree), points out the first wrong step, compares final answers and ends with
+    `Conclusion: right/wrong [END]`, the verdict of reward.is_correct(response, gold): it agrees with the label."""
+    ref, gold, eqs = _reference(record), str(record["answer"]), _equations(response_text)
+    ok, got = reward.is_correct(response_text, gold), reward.extract_answer(response_text)
+    lines, flagged = ["Let me solve the problem myself and check the solution step by step."], False
+    for i, (a, op, b, c) in enumerate(ref):
+        line = f"Step {i + 1}: {_eq(a, op, b, c)}."
+        if i < len(eqs) and not flagged:
+            ea, eop, eb, ec = eqs[i]
+            true = _apply(ea, eop, eb)
+            if true != ec:  # an arithmetic slip in the response
+                if not ok:
+                    line += (f" The solution writes {_eq(ea, eop, eb, ec)}, but "
+                             + (f"{_eq(ea, eop, eb)} = {_num(true)}" if true is not None else "that is undefined")
+                             + ". This step is wrong"
+                             + (", and the error carries into the later steps." if i + 1 < len(ref) else "."))
+                    flagged = True
+            elif ec == c:
+                line += " The solution has the same result here."
+            elif len(eqs) == len(ref) and not ok:  # right arithmetic on the wrong numbers
+                line += (f" The solution computes {_eq(ea, eop, eb, ec)} instead, which does not follow from the "
+                         f"question. This step is wrong.")
+                flagged = True
+        lines.append(line)
+    lines.append(f"The correct answer is {gold}, but the solution gives no final answer." if got is None else
+                 f"The correct answer is {gold}. The solution's final answer is {got}, which "
+                 + ("matches." if ok else "does not match."))
+    return "\n".join(lines + [f"Conclusion: {'right' if ok else 'wrong'} [END]"])
+
+
+def _render(steps, final, style, record):
+    """A solution text for steps [(a, op, b, c)] ending in \\boxed{final}, in one of three styles."""
+    eqs = [_eq(*s) for s in steps]
+    if style == "program":  # the record's own format, final sentence with `final` put in
+        last = record["solution"].strip().split("\n")[-1] if record.get("solution") else "The answer is \\boxed{}."
+        last = re.sub(r"\\boxed\{[^{}]*\}", lambda _: f"\\boxed{{{final}}}", last)
+        last = re.sub(rf"\bhas {re.escape(str(record['answer']))} ", f"has {final} ", last)
+        return "\n".join([f"Step {i + 1}: {e}." for i, e in enumerate(eqs)] + [last])
+    if style == "prose":
+        body = ([f"We compute {eqs[0]}."] if len(eqs) == 1 else
+                [f"{('First', 'Next', 'Then', 'After that')[min(i, 3)] if i < len(eqs) - 1 else 'Finally'}, {e}."
+                 for i, e in enumerate(eqs)])
+        return "\n".join(body + [f"So the answer is \\boxed{{{final}}}."])
+    return "\n".join(eqs + [f"Answer: \\boxed{{{final}}}"])  # compact
+
+
+STYLES = ("program", "prose", "compact")
+WRONG_KINDS = ("arith", "operand", "final")  # slip in a result / wrong number used / wrong final number
+
+
+def _corrupt(ref, rng, kind):
+    """A wrong solution from the reference steps: (steps, final). `arith`: one result is off and later steps
+    carry the error; `operand`: one step uses a wrong number, error carried; `final`: right steps, wrong final
+    number. Falls back to `final` when no exact integer corruption is found."""
+    gold = ref[-1][3]
+    for _ in range(40 if kind != "final" else 0):
+        j = rng.randrange(len(ref))
+        steps = [list(s) for s in ref]
+        a, op, b, c = steps[j]
+        d = rng.choice([-10, -3, -2, -1, 1, 2, 3, 10])
+        if kind != "arith" and b + d < 1:
+            continue
+        steps[j][2:] = [b, c + d] if kind == "arith" else [b + d, _apply(a, op, b + d)]  # else: operand
+        for i in range(j + 1, len(steps)):
+            steps[i][0] = steps[i - 1][3]
+            steps[i][3] = _apply(*steps[i][:3])
+        vals = [s[3] for s in steps]
+        if all(v is not None and v >= 0 and v.denominator == 1 for v in vals) and vals[-1] != gold:
+            return [tuple(s) for s in steps], _num(vals[-1])
+    while True:
+        d = rng.choice([-10, -2, -1, 1, 2, 10])
+        if gold + d >= 0:
+            return list(ref), _num(gold + d)
+
+
+def synth_response(record, rng, right=True, kind=None, style=None):
+    """A synthetic response to an arith record: right (program solution, one of STYLES) or wrong (WRONG_KINDS)."""
+    ref = _reference(record)
+    style = style or rng.choice(STYLES)
+    steps, final = (ref, _num(ref[-1][3])) if right else _corrupt(ref, rng, kind or rng.choice(WRONG_KINDS))
+    return _render(steps, final, style, record)
+
+
+def cold_start_data(records, out_path, responses=None, seed=0, n_wrong=1, generation=True):
+    """Write the SFT cold-start jsonl (`train.py --mode sft`), shuffled (seeded): critique rows {question, response,
+    critique, label} (teacher_critique; label by reward.is_correct), as many right as wrong, and unless
+    generation=False rows {question, response} with the program solution: one file teaches both formats. Responses:
+    `responses[i]` (policy samples for records[i], a list or a text), the scarcer label topped up with synthetic
+    ones; else `n_wrong` synthetic right and wrong ones per record. Returns {path, n_critique, n_right, n_wrong,
+    n_generation, n_policy}."""
+    rng = random.Random(seed)
+    if responses is not None and len(responses) != len(records):
+        raise ValueError(f"responses has {len(responses)} entries for {len(records)} records")
+    for i, rec in enumerate(records):
+        _reference(rec, f"cold_start_data record {i} ({rec.get('id')})")
+    items = [(i, r) for i, rs in enumerate(responses or []) for r in ([rs] if isinstance(rs, str) else rs)]
+    crit = [(i, r, reward.is_correct(r, records[i]["answer"])) for i, r in items]  # (record index, text, label)
+    if responses is None:
+        crit += [(i, synth_response(rec, rng, right=lab), lab)
+                 for i, rec in enumerate(records) for _ in range(n_wrong) for lab in (True, False)]
+    n_right = sum(lab for _, _, lab in crit)
+    short, need = 2 * n_right < len(crit), abs(len(crit) - 2 * n_right)  # the scarcer label, how many more of it
+    order = list(range(len(records)))
+    rng.shuffle(order)
+    for i in (order[j % len(order)] for j in range(need)):  # top up the scarcer label
+        crit.append((i, synth_response(records[i], rng, right=short), short))
+    rows = []
+    for i, resp, label in crit:
+        text = teacher_critique(records[i], resp)  # its verdict is reward.is_correct's: it must match the label
+        if reward.extract_verdict(text) != ("right" if label else "wrong"):
+            raise RuntimeError(f"response labelled {label}, but the reward says otherwise: {resp!r}")
+        rows.append(dict(question=records[i]["question"], response=resp, critique=text, label=label))
+    if generation:
+        rows += [dict(question=r["question"], response=r["solution"]) for r in records]
+    rng.shuffle(rows)
+    write_jsonl(out_path, rows)
+    return dict(path=str(out_path), n_critique=len(crit), n_right=len(crit) // 2, n_wrong=len(crit) // 2,
+                n_generation=len(records) if generation else 0, n_policy=len(items))
