@@ -17,51 +17,32 @@ from data import DataError, chat_ids, read_jsonl, require_field, write_jsonl
 
 # ----------------------------------------------------------------------------- prompts
 
-# Named critique prompts; a template may use {question} and {response} only (no {answer}, on purpose).
-CRITIQUE_TEMPLATES = {
-    # the fields of the paper's cold-start distillation prompt (Figure 6)
-    "default": ("#Question#:\n{question}\n\n#Solution#:\n{response}\n\n#Instruction#:\n"
-                "Verify the solution step by step: check the reasoning and the arithmetic of every step. "
-                "Then judge whether the solution is correct. End your answer with the line \"Conclusion: right [END]\" "
-                "if the solution is correct, or \"Conclusion: wrong [END]\" if it is wrong."),
-    # CFT's original instruction (Wang et al. 2025c): expert persona, brief explanation, the same last line
-    "cft": ("Please critique whether the following solution to the question is correct.\n\n"
-            "Question:\n{question}\n\nSolution:\n{response}\n\n"
-            "As an expert, explain briefly whether the student's answer is correct, then conclude with "
-            "\"Conclusion: right [END]\" or \"Conclusion: wrong [END]\".")}
+# The critique prompt: the fields of the paper's cold-start distillation prompt (Figure 6). It shows the question
+# and the response only, never the reference answer.
+CRITIQUE_TEMPLATE = ("#Question#:\n{question}\n\n#Solution#:\n{response}\n\n#Instruction#:\n"
+                     "Verify the solution step by step: check the reasoning and the arithmetic of every step. Then "
+                     "judge whether the solution is correct. End your answer with the line \"Conclusion: right [END]\" "
+                     "if the solution is correct, or \"Conclusion: wrong [END]\" if it is wrong.")
 
-# Self-correction prompt for denoising (Eq. 4); the paper prints none. {question} {response} {critique}.
-REFINE_TEMPLATES = {
-    "default": ("#Question#:\n{question}\n\n#Solution#:\n{response}\n\n#Critique#:\n{critique}\n\n#Instruction#:\n"
-                "If the critique found an error, write a corrected solution step by step. If it found none, "
-                "restate the solution. Give the final answer as \\boxed{{number}}.")}
+# Self-correction prompt for denoising (Eq. 4); the paper prints none.
+REFINE_TEMPLATE = ("#Question#:\n{question}\n\n#Solution#:\n{response}\n\n#Critique#:\n{critique}\n\n#Instruction#:\n"
+                   "If the critique found an error, write a corrected solution step by step. If it found none, "
+                   "restate the solution. Give the final answer as \\boxed{{number}}.")
 
 
-def _fill(templates, template, what, **fields):
-    text = templates.get(template or "default", template)
-    for name in fields:
-        if "{" + name + "}" not in text:
-            raise ValueError(f"{what} template must contain {{{name}}} (named templates: {sorted(templates)})")
-    try:
-        return text.format(**fields)
-    except (KeyError, IndexError) as e:
-        raise ValueError(f"{what} template may use only {', '.join('{%s}' % f for f in fields)} "
-                         f"(never the reference answer); it has {{{e.args[0]}}}") from None
+def critique_text(question, response):  # the user turn, before the chat template
+    return CRITIQUE_TEMPLATE.format(question=question.strip(), response=response.strip())
 
 
-def critique_prompt(tokenizer, question, response, template=None):
-    """Token ids of the critique prompt; `template`: a CRITIQUE_TEMPLATES name or a format string."""
-    return chat_ids(tokenizer, critique_text(question, response, template))
+def critique_prompt(tokenizer, question, response):
+    """Token ids of the critique prompt (chat template around critique_text)."""
+    return chat_ids(tokenizer, critique_text(question, response))
 
 
-def critique_text(question, response, template=None):  # the user turn, before the chat template
-    return _fill(CRITIQUE_TEMPLATES, template, "critique", question=question.strip(), response=response.strip())
-
-
-def refine_prompt(tokenizer, question, response, critique, template=None):
+def refine_prompt(tokenizer, question, response, critique):
     """Token ids of the self-correction prompt (Eq. 4): fix the solution if the critique found an error."""
-    return chat_ids(tokenizer, _fill(REFINE_TEMPLATES, template, "refine", question=question.strip(),
-                                     response=response.strip(), critique=critique.strip()))
+    return chat_ids(tokenizer, REFINE_TEMPLATE.format(question=question.strip(), response=response.strip(),
+                                                      critique=critique.strip()))
 
 
 # ----------------------------------------------------------------------------- the question-response cache
@@ -160,7 +141,7 @@ def pairs_from_rollout(samples, records, rewards, rng, pair_filter="balance"):
 
 
 def second_order_rollout(sampler, tokenizer, pairs, m, scheme="plain", p_correct=None, k_ref=0, stop_ids=None,
-                         template=None, refine_template=None, **gen_kwargs):
+                         **gen_kwargs):
     """`m` critiques of each pair from the policy's Sampler (one `generate` call, prompt-major), scored: one dict
     per critique {pair_index, group (= pair_index), pair_id, prompt_ids, tokens, logprobs, text, verdict, reward,
     bonus, truncated, length, label}, reward = reward.critique_reward(verdict, label, scheme, p_correct) + bonus.
@@ -173,7 +154,7 @@ def second_order_rollout(sampler, tokenizer, pairs, m, scheme="plain", p_correct
     if stop_ids is None:
         from rollout import default_stop_ids
         stop_ids = default_stop_ids(tokenizer)
-    prompts = [critique_prompt(tokenizer, p["question"], p["response"], template) for p in pairs]
+    prompts = [critique_prompt(tokenizer, p["question"], p["response"]) for p in pairs]
     outs = sampler.generate(prompts, n=m, stop_ids=stop_ids, **gen_kwargs)
     if len(outs) != len(pairs) * m:
         raise RuntimeError(f"sampler returned {len(outs)} critiques for {len(pairs)} pairs x m={m}")
@@ -191,7 +172,7 @@ def second_order_rollout(sampler, tokenizer, pairs, m, scheme="plain", p_correct
         todo = [c for c in crits if c["verdict"] is not None]
         if todo:
             ref_prompts = [refine_prompt(tokenizer, pairs[c["pair_index"]]["question"],
-                                         pairs[c["pair_index"]]["response"], c["text"], refine_template)
+                                         pairs[c["pair_index"]]["response"], c["text"])
                            for c in todo]
             seed = gen_kwargs.get("seed")  # + 1: a different stream from the critiques'
             kw = dict(gen_kwargs, **({} if seed is None else {"seed": seed + 1}))

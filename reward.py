@@ -210,10 +210,9 @@ def is_correct(text, gold, markers=DEFAULT_MARKERS, strict=False, time_limit=TIM
         return False
 
 
-def response_reward(text, gold, format_weight=0.0, strict=False, markers=DEFAULT_MARKERS):
-    """Eq. 1: R(r) = 1 if the final answer is correct else 0, plus `format_weight` (default 0) if it is boxed."""
-    r = 1.0 if is_correct(text, gold, markers=markers, strict=strict) else 0.0
-    return r + format_weight if format_weight and extract_answer(text, ()) is not None else r
+def response_reward(text, gold, strict=False, markers=DEFAULT_MARKERS):
+    """Eq. 1: R(r) = 1 if the final answer is correct, else 0 (no format bonus: the paper gives none)."""
+    return 1.0 if is_correct(text, gold, markers=markers, strict=strict) else 0.0
 
 
 # ----------------------------------------------------------------------------- critique rewards
@@ -237,12 +236,11 @@ def extract_verdict(text):
     return _VERDICTS.get(word)
 
 
-def classification_metrics(verdicts, labels, zero_division=None):
+def classification_metrics(verdicts, labels):
     """Critic metrics of verdicts ("right" | "wrong" | None) against labels (True: the response is right), "right"
     the positive class (§5.4), for training's per-step metrics and eval alike. No verdict is a wrong call: it
     lowers accuracy and recall but is no false positive. Counts (tp, fp, tn, fn, wrong, formatted) and rates; a
-    0/0 rate is `zero_division` (None: null in JSON; sklearn uses 0), and the 0/0 precision / recall / F1 are
-    named in `undefined`."""
+    0/0 rate is None (null in JSON; sklearn would say 0), and a 0/0 precision / recall / F1 is named in `undefined`."""
     if len(verdicts) != len(labels):
         raise ValueError(f"{len(verdicts)} verdicts but {len(labels)} labels")
     if any(v not in ("right", "wrong", None) for v in verdicts):
@@ -257,8 +255,6 @@ def classification_metrics(verdicts, labels, zero_division=None):
                                           ("recall", recall, "no right responses in the set (0/0)"),
                                           ("f1", f1, "precision or recall undefined" if None in (precision, recall)
                                            else "precision + recall = 0 (0/0)")) if v is None}
-    if zero_division is not None:
-        precision, recall, f1 = (zero_division if x is None else x for x in (precision, recall, f1))
     rate = (lambda k: k / n) if n else (lambda k: None)
     return dict(n=n, tp=tp, fp=fp, tn=tn, fn=pos - tp, wrong=wrong, formatted=formatted, accuracy=rate(tp + tn),
                 precision=precision, recall=recall, f1=f1, format_rate=rate(formatted), wrong_rate=rate(wrong),
@@ -274,19 +270,17 @@ CRITIQUE_REWARDS = {
     "recall":    (0.8, 0.6)}    # Eq. 6: favour "right" -> higher recall of "right"
 
 
-def critique_reward(verdict, label, scheme="plain", p_correct=None, format_penalty=0.0):
+def critique_reward(verdict, label, scheme="plain", p_correct=None):
     """R(c) for one critique: Eq. 2 (`plain`), Eq. 3 (`reweight`, needs `p_correct` = E[R(r)], clipped to
     [0.05, 0.95]), Eq. 5 (`precision`) or Eq. 6 (`recall`). `label` True means the response is right.
-    No verdict scores 0, or -format_penalty."""
+    No verdict scores 0, as a wrong one does."""
     if scheme not in CRITIQUE_REWARDS:
         raise ValueError(f"unknown critique reward scheme {scheme!r}; valid: {', '.join(CRITIQUE_REWARDS)}")
     if verdict not in ("right", "wrong", None):
         raise ValueError(f"verdict must be 'right', 'wrong' or None, got {verdict!r}")
     if scheme == "reweight" and p_correct is None:
         raise ValueError("scheme 'reweight' (Eq. 3) needs p_correct, the running first-order accuracy E[R(r)]")
-    if verdict is None:
-        return -float(format_penalty)
-    if (verdict == "right") != bool(label):
+    if verdict is None or (verdict == "right") != bool(label):
         return 0.0
     r = CRITIQUE_REWARDS[scheme][0 if label else 1]
     if scheme == "reweight":

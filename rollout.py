@@ -317,8 +317,6 @@ class Sampler:
         self.stats = {}
         self._told = False  # attention_path() printed (once, at the first generate)
 
-    k_cache = property(lambda self: self.cache and self.cache.k)  # the cache's buffers; None once released
-    v_cache = property(lambda self: self.cache and self.cache.v)
     compute_dtype = property(lambda self: self.dtype or self.model.lm_head.weight.dtype)
 
     def attention_path(self):
@@ -521,18 +519,6 @@ class Sampler:
         return tok, torch.log(probs.gather(1, tok[:, None]))[:, 0]
 
     # -- the API
-    @torch.inference_mode()
-    def logits(self, ids):
-        """fp32 logits (P, V) at every position of one sequence `ids`, through the sampler's own forward (cache
-        row 0). For tests and debugging: they match the HF model's."""
-        ids = torch.as_tensor(ids, dtype=torch.long, device=self.model.lm_head.weight.device)
-        if not 0 < ids.shape[0] <= self.max_len:
-            raise ValueError(f"sequence length {ids.shape[0]} must be in 1..{self.max_len} (Sampler max_len)")
-        with self._weights():
-            self._ensure_cache(1, ids.shape[0])
-            cos, sin = self._rope_table(ids.shape[0], self.compute_dtype, ids.device)
-            return self._logits(self._prefill(ids, 0, (0, 1), cos, sin))
-
     @torch.inference_mode()
     def generate(self, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0, stop_ids=None,
                  seed=None, progress=None):

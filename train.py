@@ -688,7 +688,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 crits = critique.second_order_rollout(
                     self.sampler, self.tok, pairs, a.critiques_per_pair, scheme=a.critique_reward,
-                    p_correct=p_correct, k_ref=a.denoise, template=a.critique_template,
+                    p_correct=p_correct, k_ref=a.denoise,
                     seed=seed_for(a.seed, step, self.rank, "rollout2"), **self.gen_kwargs(critique_turn=True))
                 m.add("time/rollout2", time.perf_counter() - t0)
                 seqs += [dict(c, group=("p", c["pair_index"]), kind="critique") for c in crits]
@@ -788,8 +788,9 @@ class Trainer:
         old_lp = logp.detach() if fresh else _stack(micro, "old", logp)
         ref_lp = _stack(micro, "ref", logp) if self.ref is not None else None
         adv = torch.tensor([s["adv"] for s in micro] or [0.0], device=logp.device)
+        max_len = max(a.max_completion_length, a.max_critique_length)  # Dr. GRPO's constant: the longest completion
         loss, st = grpo_loss(logp, old_lp, ref_lp, adv, mask, a.epsilon, a.epsilon_high, a.beta, a.loss_type,
-                             self.max_len_norm, n_tok, n_seq)
+                             max_len, n_tok, n_seq)
         m.add("clip_ratio", st["clipped"], int(st["tokens"]))
         if a.beta:
             m.add("kl", st["kl"], int(st["tokens"]))
@@ -822,11 +823,6 @@ class Trainer:
                 self.opt.zero_grad()
         self.model.eval()
         return total
-
-    @property
-    def max_len_norm(self):
-        """Dr. GRPO's constant normaliser: the longest completion the sampler may produce."""
-        return max(self.args.max_completion_length, self.args.max_critique_length)
 
     def collate(self, seqs):
         """Policy.forward's inputs and the target mask for `seqs`; an empty list (a rank with nothing to learn
@@ -913,9 +909,6 @@ class Trainer:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     # -- checkpoints
-    def rank_state(self):
-        return dict(cache=self.cache.state_dict())
-
     def save(self, final=False):
         """OUT/checkpoint-STEP/: model/ (HF, from_pretrained + tokenizer, written whole by rank 0), accelerate
         save_state files (weights, optimizer, every rank's RNG; sharded under FSDP), trainer_state.json (step, data position, running
@@ -929,7 +922,8 @@ class Trainer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
-        ranks = gather_object([self.rank_state()]) if self.world > 1 else [self.rank_state()]
+        mine = dict(cache=self.cache.state_dict())  # what differs per rank
+        ranks = gather_object([mine]) if self.world > 1 else [mine]
         # the whole model on rank 0 (a collective under FSDP / ZeRO-3, which gather it; the module's own otherwise)
         full = acc.get_state_dict(self.model)
         if acc.is_main_process:
@@ -1040,8 +1034,6 @@ def build_parser():
                    help="dynamic pairs: balance = drop all-right / all-wrong questions, keep one right + one wrong "
                         "(the paper's filter); random = two responses per question drawn uniformly (Table 2's "
                         "random sampling; with --critique-reward reweight its middle row)")
-    g.add_argument("--critique-template", default=None, help="critique prompt: a name in critique.CRITIQUE_TEMPLATES "
-                                                             "or a format string with {question} and {response}")
     g.add_argument("--static-pairs", default=None, help="static pairs: jsonl {question, response, label} "
                                                         "(or jsonl:PATH / gsm8k-solutions:PATH) instead of building them")
     g.add_argument("--static-k", type=int, default=10, help="static pairs: responses per question when building them")

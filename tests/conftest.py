@@ -47,3 +47,14 @@ def tokenizer():
 @pytest.fixture
 def tiny_model(tokenizer):
     return make_model(vocab_size=len(tokenizer))
+
+
+@torch.inference_mode()
+def sampler_logits(sampler, ids):
+    """fp32 logits (P, V) at every position of one sequence `ids`, through the Sampler's own forward (prefill into
+    cache row 0): what the tests compare with the HF model's logits."""
+    ids = torch.as_tensor(ids, dtype=torch.long, device=sampler.model.lm_head.weight.device)
+    with sampler._weights():
+        sampler._ensure_cache(1, ids.shape[0])
+        cos, sin = sampler._rope_table(ids.shape[0], sampler.compute_dtype, ids.device)
+        return sampler._logits(sampler._prefill(ids, 0, (0, 1), cos, sin))

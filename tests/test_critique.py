@@ -55,21 +55,14 @@ class ScriptedSampler:
 
 def test_critique_prompt_format_and_no_reference_answer(tokenizer):
     assert "answer" not in inspect.signature(critique.critique_prompt).parameters
-    for name in critique.CRITIQUE_TEMPLATES:
-        p = pair(3, False)
-        text = tokenizer.decode(critique.critique_prompt(tokenizer, p["question"], p["response"], name))
-        assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_start|>assistant\n")
-        assert p["question"] in text and p["response"] in text and SECRET not in text
-        assert "Conclusion: right [END]" in text and "Conclusion: wrong [END]" in text
+    p = pair(3, False)
+    text = tokenizer.decode(critique.critique_prompt(tokenizer, p["question"], p["response"]))
+    assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_start|>assistant\n")
+    assert p["question"] in text and p["response"] in text and SECRET not in text
+    assert "Conclusion: right [END]" in text and "Conclusion: wrong [END]" in text
     text = critique.critique_text("Q?", "R.")
     assert text.index("#Question#") < text.index("Q?") < text.index("#Solution#") < text.index("R.")
     assert "#Instruction#" in text and "step by step" in text
-    # custom templates: only {question} and {response}; an {answer} slot is refused
-    assert critique.critique_text("Q?", "R.", "Q={question} S={response}") == "Q=Q? S=R."
-    with pytest.raises(ValueError, match="never the reference answer"):
-        critique.critique_text("Q?", "R.", "{question} {response} gold={answer}")
-    with pytest.raises(ValueError, match="response"):
-        critique.critique_text("Q?", "R.", "{question} only")
 
 
 def test_second_order_prompts_never_show_gold(tokenizer):

@@ -193,9 +193,7 @@ def test_deadline_leaves_signal_state_alone():
 def test_response_reward():
     assert response_reward("\\boxed{5}", "5") == 1.0
     assert response_reward("\\boxed{4}", "5") == 0.0
-    assert response_reward("\\boxed{5}", "5", format_weight=0.1) == pytest.approx(1.1)
-    assert response_reward("\\boxed{4}", "5", format_weight=0.1) == pytest.approx(0.1)
-    assert response_reward("The answer is 5", "5", format_weight=0.1) == 1.0  # right, but not boxed
+    assert response_reward("The answer is 5", "5") == 1.0  # right, not boxed: the lenient fallback
     assert response_reward("The answer is 5", "5", strict=True) == 0.0
 
 
@@ -243,7 +241,7 @@ def test_critique_reward_schemes():
         assert critique_reward("wrong", False, scheme) == pytest.approx(ww)
         assert critique_reward("right", False, scheme) == pytest.approx(wr)
         assert critique_reward(None, True, scheme) == 0.0
-        assert critique_reward(None, False, scheme, format_penalty=0.1) == pytest.approx(-0.1)
+        assert critique_reward(None, False, scheme) == 0.0
     assert set(CRITIQUE_REWARDS) == {"plain", "reweight", "precision", "recall"}
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import rollout
-from conftest import make_model
+from conftest import make_model, sampler_logits
 from rollout import Sampler, default_stop_ids, first_order_rollout, load_policy
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
@@ -66,7 +66,7 @@ def test_prefill_logits_match_hf(arch):
     ids = list(range(3, 40))  # longer than the sliding windows
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0]
-    ours = Sampler(model, max_batch=4, max_len=64).logits(ids)
+    ours = sampler_logits(Sampler(model, max_batch=4, max_len=64), ids)
     assert ours.dtype == torch.float32 and ours.shape == ref.shape
     assert (ours - ref).abs().max().item() <= 1e-4
 
@@ -404,19 +404,19 @@ def test_chunks_beyond_max_batch():
 def test_cache_is_reused_and_grows():
     s = Sampler(tiny(), max_batch=8, max_len=256)
     s.generate(PROMPTS, n=2, max_new_tokens=8)
-    ptr, shape = s.k_cache.data_ptr(), s.k_cache.shape
+    ptr, shape = s.cache.k.data_ptr(), s.cache.k.shape
     assert shape[0] == 2 and shape[3:] == (2, 16)  # (L, B, T, Hkv, D)
     s.generate(PROMPTS[:2], n=1, max_new_tokens=4)
-    assert s.k_cache.data_ptr() == ptr
+    assert s.cache.k.data_ptr() == ptr
     s.generate(PROMPTS, n=2, max_new_tokens=100)
-    assert s.k_cache.shape[2] >= 119 and s.k_cache.shape[1] >= shape[1]
+    assert s.cache.k.shape[2] >= 119 and s.cache.k.shape[1] >= shape[1]
 
 
 def test_bf16_runs():
     model = tiny().to(torch.bfloat16)
     s = Sampler(model)
     out = s.generate(PROMPTS, n=2, max_new_tokens=8, temperature=1.0, seed=0)
-    assert s.k_cache.dtype == torch.bfloat16
+    assert s.cache.k.dtype == torch.bfloat16
     for o in out:
         assert o["length"] == 8 and all(0 <= t < model.config.vocab_size for t in o["tokens"])
         lp = torch.tensor(o["logprobs"])
@@ -438,14 +438,14 @@ def test_dtype_option_samples_fp32_weights_in_bf16(arch):
     got, want = s.generate(PROMPTS, **kw), ref.generate(PROMPTS, **kw)
     assert [o["tokens"] for o in got] == [o["tokens"] for o in want]
     assert [o["logprobs"] for o in got] == [o["logprobs"] for o in want]
-    assert s.k_cache.dtype == torch.bfloat16 and s._cast == {}  # the cast copy is freed after the call
+    assert s.cache.k.dtype == torch.bfloat16 and s._cast == {}  # the cast copy is freed after the call
     assert model.dtype == torch.float32
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    torch.testing.assert_close(s.logits(PROMPTS[0]), ref.logits(PROMPTS[0]), rtol=0, atol=0)
+    torch.testing.assert_close(sampler_logits(s, PROMPTS[0]), sampler_logits(ref, PROMPTS[0]), rtol=0, atol=0)
     with torch.no_grad():  # an optimizer step on the fp32 weights: the next call must use it
         model.lm_head.weight.mul_(-1)
         ref.model.lm_head.weight.mul_(-1)
-    assert torch.equal(s.logits(PROMPTS[1]), ref.logits(PROMPTS[1]))
+    assert torch.equal(sampler_logits(s, PROMPTS[1]), sampler_logits(ref, PROMPTS[1]))
 
 def test_unsupported_architecture():
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -541,13 +541,13 @@ def test_gguf_conversion_round_trip(converted):
         a, b = model(torch.tensor([ids])).logits, ref(torch.tensor([ids])).logits
     assert (a - b).abs().max().item() <= 1e-4
     # the sampler on the real model agrees with it too
-    assert (Sampler(model, max_len=128).logits(ids) - a[0]).abs().max().item() <= 1e-3
+    assert (sampler_logits(Sampler(model, max_len=128), ids) - a[0]).abs().max().item() <= 1e-3
     assert set(default_stop_ids(tok)) >= {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
 
 
 def test_first_order_rollout_uses_the_prompt_style(tokenizer):
     import data
-    from conftest import make_model
+    from conftest import make_model, sampler_logits
     from rollout import first_order_rollout
     s = Sampler(make_model(vocab_size=len(tokenizer)))
     recs = data.load_data("arith:1", limit=2)

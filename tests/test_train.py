@@ -297,7 +297,7 @@ def test_bf16_training_samples_in_bf16(monkeypatch, tiny_dir, qspec, tmp_path, f
             self.cache_dtypes = []
 
         def release(self):  # the cache is freed after each step's sampling: note its dtype first
-            self.cache_dtypes.append(self.k_cache.dtype)
+            self.cache_dtypes.append(self.cache.k.dtype)
             super().release()
 
     monkeypatch.setattr(rollout, "Sampler", Recording)
@@ -333,7 +333,7 @@ def test_kv_cache_is_freed_before_the_update(monkeypatch, tiny_dir, qspec, tmp_p
                     super().release()
 
         def recording_update(self, seqs, m):
-            during_update.append(self.sampler.k_cache is None)
+            during_update.append(self.sampler.cache is None)
             return update(self, seqs, m)
 
         monkeypatch.setattr(rollout, "Sampler", Recording)
@@ -344,7 +344,7 @@ def test_kv_cache_is_freed_before_the_update(monkeypatch, tiny_dir, qspec, tmp_p
 
     hash_rewards(monkeypatch)
     s, freed, during = run(tmp_path / "freed", keep=False)
-    assert during == [True, True] and s.k_cache is None and s.v_cache is None
+    assert during == [True, True] and s.cache is None
     _, kept, during_kept = run(tmp_path / "kept", keep=True)
     assert during_kept == [False, False]
     assert len(freed) >= 3 and freed == kept  # step 2 sampled (from a new cache) exactly as from the kept one
