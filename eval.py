@@ -16,11 +16,9 @@ samples; per-dataset prompt templates; metrics needing a judge model. The tables
 """
 import argparse
 import random
-import re
 import sys
 import time
 from collections import Counter, defaultdict
-from pathlib import Path
 
 from tqdm import tqdm
 
@@ -289,44 +287,25 @@ def build_critique_test_set(args):
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def resolve_model_path(name):
-    """An existing dir must hold a model: itself, DIR/model (a checkpoint-STEP dir), DIR/final or the latest
-    checkpoint (a train.py run dir). Anything that is not a local path (alias, HF id) is passed on unchanged."""
-    p = Path(name)
-    if p.is_file():
-        raise EvalError(f"{name}: is a file, not a model directory (expected a dir with config.json)")
-    if not p.is_dir():
-        return str(name)
-    for cand in (p, p / "model", p / "final"):
-        if (cand / "config.json").is_file():
-            return str(cand)
-    ckpts = sorted(p.glob("checkpoint-*/model/config.json"),  # by STEP
-                   key=lambda c: int(re.search(r"(\d*)$", c.parent.parent.name).group(1) or -1))
-    if ckpts:
-        return str(ckpts[-1].parent)
-    raise EvalError(f"{name}: not a model directory: no config.json in it, in {name}/model/, {name}/final/ "
-                    f"or {name}/checkpoint-*/model/ (give a model dir, a checkpoint dir or a train.py run dir)")
-
-
 def load_model(args):
-    """(model, tokenizer, device) for --model, --dtype and --device (default: cuda when available)."""
+    """(model, tokenizer, device) for --model (rollout.resolve_model: also a checkpoint or train.py run dir), --dtype
+    and --device (default: cuda when available)."""
     import torch
     import rollout
-    device, path = args.device or ("cuda" if torch.cuda.is_available() else "cpu"), resolve_model_path(args.model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return (*rollout.load_policy(path, dtype=getattr(torch, DTYPES[args.dtype]), device=device), device)
-    except (OSError, ValueError) as e:
-        if Path(path).is_dir():
-            raise EvalError(f"{path}: could not load a model from it ({type(e).__name__}: {str(e)[:300]})") from None
-        raise
+        return (*rollout.load_policy(args.model, dtype=getattr(torch, DTYPES[args.dtype]), device=device), device)
+    except rollout.ModelError as e:
+        raise EvalError(str(e)) from None
 
 
 def run_eval(args):
     """Load the model, evaluate, print every metric, write --out. Returns the result dict."""
+    import rollout
     model, tok, device = load_model(args)
     res = evaluate(model, tok, args)
     config = {k: v for k, v in vars(args).items() if k not in ("compare", "plot", "make_critique_set")}
-    config.update(device=device, model_path=resolve_model_path(args.model), time_s=res.pop("time_s"))
+    config.update(device=device, model_path=rollout.resolve_model(args.model), time_s=res.pop("time_s"))
     result = dict(model=args.model, data=args.data, critique_data=args.critique_data, label=args.label, **res,
                   config=config)
     lines = [f"model {result['model']}   data {result['data']}"]  # every metric, one per line

@@ -81,14 +81,32 @@ def convert_gguf(alias, dst):
     return dst
 
 
+class ModelError(ValueError):
+    """A local path that holds no loadable model; the message names it."""
+
+
 def resolve_model(name_or_path):
-    """An alias -> its checkpoint under $GCRL_CACHE (else ~/.cache/gcrl), converted on first use; others unchanged."""
-    if name_or_path not in ALIASES:
-        return str(name_or_path)
-    dst = Path(os.environ.get("GCRL_CACHE") or Path.home() / ".cache" / "gcrl") / name_or_path
-    if not (dst / "config.json").exists():
-        convert_gguf(name_or_path, dst)
-    return str(dst)
+    """Where --model points. An alias: its checkpoint under $GCRL_CACHE (else ~/.cache/gcrl), converted on first
+    use. A local dir: the model in it, DIR/model (a checkpoint-STEP dir), DIR/final or the latest
+    DIR/checkpoint-STEP/model (a train.py run dir), else ModelError. Anything else (an HF id): unchanged."""
+    name, p = str(name_or_path), Path(name_or_path)
+    if name in ALIASES:
+        dst = Path(os.environ.get("GCRL_CACHE") or Path.home() / ".cache" / "gcrl") / name
+        if not (dst / "config.json").exists():
+            convert_gguf(name, dst)
+        return str(dst)
+    if p.is_file():
+        raise ModelError(f"{name}: is a file, not a model directory (expected a dir with config.json)")
+    if not p.is_dir():
+        return name
+    for cand in (p, p / "model", p / "final"):
+        if (cand / "config.json").is_file():
+            return str(cand)
+    steps = [c for c in p.glob("checkpoint-*") if c.name[11:].isdigit() and (c / "model" / "config.json").is_file()]
+    if steps:
+        return str(max(steps, key=lambda c: int(c.name[11:])) / "model")
+    raise ModelError(f"{name}: not a model directory: no config.json in it, in {name}/model/, {name}/final/ or "
+                     f"{name}/checkpoint-*/model/ (give a model dir, a checkpoint dir or a train.py run dir)")
 
 
 def load_tokenizer(name_or_path="smollm2-135m"):
@@ -101,23 +119,28 @@ def load_tokenizer(name_or_path="smollm2-135m"):
 
 
 def load_policy(name_or_path="smollm2-135m", dtype=torch.float32, device="cpu", empty=False):
-    """(model, tokenizer) for an alias (`smollm2-135m`), HF id or checkpoint dir; the model in eval mode on `device`.
-    empty: read no weights: the architecture, on the CPU, with uninitialised parameters and real buffers (rotary
+    """(model, tokenizer) for an alias (`smollm2-135m`), HF id or local dir (`resolve_model`); the model in eval mode
+    on `device`; ModelError for a local dir that does not load. empty: read no weights: the architecture, on the CPU, with uninitialised parameters and real buffers (rotary
     frequencies), for ranks > 0 under FSDP2's cpu-RAM-efficient loading, whose prepare broadcasts rank 0's weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
     path = resolve_model(name_or_path)
-    tok = load_tokenizer(path)
-    if empty:
-        from accelerate import init_empty_weights
-        with init_empty_weights():  # parameters on meta (no init, no memory), buffers computed for real
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
-        model.tie_weights()  # init_empty_weights re-creates every parameter it registers: a tie becomes two
-        _materialize(model)
-    else:
-        # real weights on this rank whatever the launcher: under Accelerate's FSDP env vars transformers leaves
-        # tensors of ranks > 0 that the checkpoint lacks on meta (transformers' is_fsdp_enabled)
-        with _env_unset("FSDP_CPU_RAM_EFFICIENT_LOADING"):
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    try:
+        tok = load_tokenizer(path)
+        if empty:
+            from accelerate import init_empty_weights
+            with init_empty_weights():  # parameters on meta (no init, no memory), buffers computed for real
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+            model.tie_weights()  # init_empty_weights re-creates every parameter it registers: a tie becomes two
+            _materialize(model)
+        else:
+            # real weights on this rank whatever the launcher: under Accelerate's FSDP env vars transformers leaves
+            # tensors of ranks > 0 that the checkpoint lacks on meta (transformers' is_fsdp_enabled)
+            with _env_unset("FSDP_CPU_RAM_EFFICIENT_LOADING"):
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    except (OSError, ValueError) as e:
+        if not Path(path).is_dir():  # an HF id: transformers' own error says what is missing
+            raise
+        raise ModelError(f"{path}: could not load a model from it ({type(e).__name__}: {str(e)[:300]})") from None
     model.eval()
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id

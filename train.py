@@ -995,7 +995,7 @@ def build_parser():
     a("--mode", choices=("sft", "g", "c", "gc"), default="gc",
       help="gc: GC-RL (responses + critiques of cached pairs); g: vanilla GRPO; c: critique-only on static pairs; "
            "sft: cross-entropy cold start on {question, response, critique?} jsonl")
-    a("--model", default="smollm2-135m", help="alias, HF hub id or local model dir (e.g. OUT/final of an sft run)")
+    a("--model", default="smollm2-135m", help="alias, HF hub id, model dir, checkpoint dir or run dir (e.g. the --out of an sft run)")
     a("--data", default="arith", help=f"data SPEC ({data.SPECS}); --mode sft: jsonl:PATH of "
                                       "{question, response, critique?} rows")
     a("--limit", type=int, default=None, help="use the first N records of --data (arith: generate N)")
@@ -1216,6 +1216,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, data.DataError) as e:
+    except (ConfigError, data.DataError, rollout.ModelError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)

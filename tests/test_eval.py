@@ -7,6 +7,7 @@ import pytest
 import eval as ev
 import report
 import reward
+import rollout
 from conftest import SHARED, make_model, make_tokenizer
 
 # ----------------------------------------------------------------------------- pure metrics
@@ -287,22 +288,25 @@ def test_not_a_model_dir(tmp_path, capsys):
     bad = tmp_path / "not_a_model"
     bad.mkdir()
     (bad / "notes.txt").write_text("hi")
-    with pytest.raises(ev.EvalError, match="not_a_model: not a model directory"):
-        ev.resolve_model_path(str(bad))
+    with pytest.raises(rollout.ModelError, match="not_a_model: not a model directory"):
+        rollout.resolve_model(str(bad))
     assert ev.main(["--model", str(bad), "--limit", "1"]) == 2
     assert str(bad) in capsys.readouterr().err
-    assert ev.resolve_model_path("smollm2-135m") == "smollm2-135m"  # aliases / hub ids pass through
+    assert rollout.resolve_model("someone/some-model") == "someone/some-model"  # hub ids pass through
+    (bad / "config.json").write_text("{not json")  # a dir that looks like a model but does not load
+    assert ev.main(["--model", str(bad), "--limit", "1"]) == 2
+    assert "could not load a model from it" in capsys.readouterr().err
 
 
 def test_resolve_run_and_checkpoint_dirs(tmp_path):
     for sub in ("checkpoint-2/model", "checkpoint-10/model"):
         (tmp_path / "run" / sub).mkdir(parents=True)
         (tmp_path / "run" / sub / "config.json").write_text("{}")
-    assert ev.resolve_model_path(str(tmp_path / "run")) == str(tmp_path / "run" / "checkpoint-10" / "model")
-    assert ev.resolve_model_path(str(tmp_path / "run" / "checkpoint-2")) == str(tmp_path / "run/checkpoint-2/model")
+    assert rollout.resolve_model(str(tmp_path / "run")) == str(tmp_path / "run" / "checkpoint-10" / "model")
+    assert rollout.resolve_model(str(tmp_path / "run" / "checkpoint-2")) == str(tmp_path / "run/checkpoint-2/model")
     (tmp_path / "run" / "final").mkdir()
     (tmp_path / "run" / "final" / "config.json").write_text("{}")
-    assert ev.resolve_model_path(str(tmp_path / "run")) == str(tmp_path / "run" / "final")
+    assert rollout.resolve_model(str(tmp_path / "run")) == str(tmp_path / "run" / "final")
 
 
 def test_plot_and_compare_bad_dirs(tmp_path, capsys):

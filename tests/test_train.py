@@ -445,6 +445,24 @@ def test_bad_inputs_name_the_flag(tiny_dir, qspec, tmp_path):
                                                                  "--max-completion-length": 4}))
 
 
+def test_model_flag_takes_a_run_dir_and_names_a_bad_one(tiny_dir, qspec, tmp_path):
+    """--model resolves like eval.py's: a train.py run dir means its final/ model; a dir without a model is one
+    clear error line (exit 2), not a traceback from transformers."""
+    import shutil
+    shutil.copytree(tiny_dir, tmp_path / "sft" / "final")
+    first = train.main(base_args(tmp_path / "sft", qspec, tmp_path / "a", **{"--mode": "g"}))
+    again = train.main(base_args(tiny_dir, qspec, tmp_path / "b", **{"--mode": "g"}))
+    same = lambda row: {k: v for k, v in row.items() if not k.startswith(("time/", "mem/", "tokens_per_s"))}  # noqa: E731
+    assert same(metrics(first)[0]) == same(metrics(again)[0]) and "len/response" in metrics(first)[0]  # same model
+    bad = tmp_path / "empty"
+    bad.mkdir()
+    with pytest.raises(rollout.ModelError, match="empty: not a model directory"):
+        train.main(base_args(bad, qspec, tmp_path / "c"))
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py")] + base_args(bad, qspec, tmp_path / "d"), cwd=ROOT,
+                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 2 and "train.py: error:" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_sigterm_saves_a_loadable_checkpoint(tiny_dir, qspec, tmp_path):
     """train.py as a process: SIGTERM after it starts stepping -> it finishes the step, saves, exits 0."""
     out = tmp_path / "term"
