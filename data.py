@@ -7,7 +7,7 @@
     hf:NAME[:SPLIT]  any HF dataset with `question` / `answer` columns
 
 Records have string `id`, `question`, `answer` (the gold final answer, e.g. "72"); `arith` records also carry
-`level`, `steps` [(text, value)] and a program `solution` ending in \\boxed{answer}, for critique.py's cold-start
+`level`, `steps` [(text, value)] and a program `solution` ending in \\boxed{answer}, for teacher.py's cold-start
 teacher. The arith train/test split hashes the question text (not the seed): no test question is ever trained on.
 The lowest module (no gcrl imports), so the home of the shared helpers: `read_jsonl`, the atomic writers
 `write_json` / `write_jsonl` and `require_field` (the one check of a row's question / answer / response).

@@ -3,7 +3,6 @@
     python eval.py --model M_OR_CHECKPOINT --data SPEC [--critique-data SPEC] --limit N --out FILE.json
     python eval.py --compare RUN_DIR_OR_JSON ...   # paper-style markdown table (rows: methods, columns: datasets)
     python eval.py --plot RUN_DIR                  # RUN_DIR/metrics.jsonl -> RUN_DIR/plots/*.png
-    python eval.py --make-critique-set OUT.jsonl --model M --data arith:1 --limit N   # experiment.py's fixed set
 
 - generation on `--data` (arith: its test split), answers boxed-only as in the paper (`--lenient`: also `#### x`,
   "the answer is x"): greedy accuracy, boxed rate, length, truncation; with `--k` samples pass@1, maj@k, pass@k.
@@ -26,7 +25,6 @@ import critique
 import data
 import report
 import reward
-import teacher
 
 
 class EvalError(ValueError):
@@ -258,31 +256,6 @@ def run_critiques(sampler, tok, args, pairs, desc, k_ref=0):
                          temperature=0.0 if c == 1 else args.critique_temperature, seed=args.seed + 2)
 
 
-def build_critique_test_set(args):
-    """experiment.py's critique test set: --model's own >= 2 samples per question, balanced, topped up (arith) with
-    program-written right and wrong responses where they were all right or all wrong. Returns the number of pairs."""
-    import rollout
-    split = "test" if str(args.data).split(":")[0] == "arith" else args.split
-    records = data.load_data(args.data, split=split, limit=args.limit or 100, seed=args.seed)
-    model, tok, _ = load_model(args)
-    groups = sample_responses(rollout.Sampler(model, max_batch=args.batch, max_len=args.max_len), tok, args, records,
-                              max(args.k, 2), "critique-set samples", args.temperature, args.seed + 7)
-    pairs = [{k: v for k, v in p.items() if k != "index"}
-             for p in balanced_pairs(sample_pairs(records, groups), args.seed)]
-    n_policy, have, rng = len(pairs), {p["question"] for p in pairs}, random.Random(args.seed)
-    for rec in records:
-        if rec["question"] not in have and rec.get("steps"):
-            pairs += [dict(question=rec["question"], response=teacher.synth_response(rec, rng, right=lab),
-                           label=lab, answer=rec["answer"]) for lab in (True, False)]
-    if not pairs:
-        raise EvalError(f"--make-critique-set: no pairs from {args.data}: the model's samples were all right or all "
-                        "wrong and the data has no program solutions to top up from (use arith data)")
-    critique.save_pairs(args.make_critique_set, pairs)  # critique.load_pairs reads it back
-    print(f"[eval] critique test set: {len(pairs)} pairs ({n_policy} from {args.model}'s samples, "
-          f"{len(pairs) - n_policy} program-written) -> {args.make_critique_set}")
-    return len(pairs)
-
-
 # ============================================================================ model loading, the CLI
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -304,7 +277,7 @@ def run_eval(args):
     import rollout
     model, tok, device = load_model(args)
     res = evaluate(model, tok, args)
-    config = {k: v for k, v in vars(args).items() if k not in ("compare", "plot", "make_critique_set")}
+    config = {k: v for k, v in vars(args).items() if k not in ("compare", "plot")}
     config.update(device=device, model_path=rollout.resolve_model(args.model), time_s=res.pop("time_s"))
     result = dict(model=args.model, data=args.data, critique_data=args.critique_data, label=args.label, **res,
                   config=config)
@@ -353,7 +326,6 @@ def build_parser():
     a("--save-samples", help="dump greedy and sampled responses to this jsonl")
     a("--compare", nargs="+", metavar="RUN_DIR_OR_JSON", help="paper-style markdown tables of eval JSONs and run dirs")
     a("--plot", metavar="RUN_DIR", help="plot RUN_DIR/metrics.jsonl into RUN_DIR/plots/")
-    a("--make-critique-set", metavar="OUT.jsonl", help="write experiment.py's critique test set, then exit")
     return p
 
 
@@ -364,8 +336,6 @@ def main(argv=None):
             print(report.compare_table(args.compare))
         elif args.plot:
             print("\n".join(f"[plot] wrote {path}" for path in report.plot_run(args.plot)))
-        elif args.make_critique_set:
-            build_critique_test_set(args)
         else:
             run_eval(args)
     except (EvalError, report.ReportError, data.DataError) as e:

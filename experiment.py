@@ -10,7 +10,7 @@ results, and a short progress line is echoed. A failing run stops the grid and n
 Layout of DIR:
     cold_start.jsonl         teacher.cold_start_data on arith train questions disjoint from the RL questions
     sft/                     the ONE cold start (train.py --mode sft), shared by every method and seed: "w/o RL"
-    critique_test.jsonl      the ONE balanced critique test set (eval.py --make-critique-set, from sft/final)
+    critique_test.jsonl      the ONE balanced critique test set (teacher.py critique_test_set, from sft/final)
     <method>/seed<S>/        train.py --out (final/, metrics.jsonl, train.log), eval.json (+ eval.log), run.json
     sft/eval.json, base/eval.json (--with-base); eval-gsm8k.json beside each eval.json with --gsm8k-dir
     grid.json                the methods and seeds asked for so far, the shared settings, every invocation
@@ -120,7 +120,7 @@ def eval_flags(args):
 
 def critique_set_argv(args):
     root = Path(args.dir)
-    return [sys.executable, str(HERE / "eval.py"), "--make-critique-set", str(root / "critique_test.jsonl"),
+    return [sys.executable, str(HERE / "teacher.py"), "--out", str(root / "critique_test.jsonl"),
             "--model", str(root / "sft" / "final"), "--data", args.data, "--limit", str(args.critique_questions),
             "--k", str(args.k), "--max-new-tokens", str(args.max_new_tokens), "--dtype", args.dtype,
             "--seed", str(args.shared_seed), "--batch", str(args.eval_batch), "--prompt-style", args.prompt_style]

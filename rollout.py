@@ -25,6 +25,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -135,7 +136,8 @@ def load_policy(name_or_path="smollm2-135m", dtype=torch.float32, device="cpu", 
         else:
             # real weights on this rank whatever the launcher: under Accelerate's FSDP env vars transformers leaves
             # tensors of ranks > 0 that the checkpoint lacks on meta (transformers' is_fsdp_enabled)
-            with _env_unset("FSDP_CPU_RAM_EFFICIENT_LOADING"):
+            with mock.patch.dict(os.environ):  # the environment as it was, on exit
+                os.environ.pop("FSDP_CPU_RAM_EFFICIENT_LOADING", None)
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     except (OSError, ValueError) as e:
         if not Path(path).is_dir():  # an HF id: transformers' own error says what is missing
@@ -145,17 +147,6 @@ def load_policy(name_or_path="smollm2-135m", dtype=torch.float32, device="cpu", 
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     return model, tok
-
-
-@contextlib.contextmanager
-def _env_unset(name):
-    """Inside: environment variable `name` unset (restored on exit)."""
-    old = os.environ.pop(name, None)
-    try:
-        yield
-    finally:
-        if old is not None:
-            os.environ[name] = old
 
 
 def _materialize(model):

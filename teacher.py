@@ -1,13 +1,15 @@
 """The cold-start teacher for `arith` (arXiv 2602.22765 §4): the paper distils GPT-5's critiques into the policy
 before RL; offline, a program plays the teacher. It writes right and wrong solutions (`synth_response`), a
 step-by-step critique of any response that ends in the verifier's verdict (`teacher_critique`), and the SFT file
-that teaches both formats (`cold_start_data`, read by `train.py --mode sft`). It needs arith's program steps; for
+that teaches both formats (`cold_start_data`, read by `train.py --mode sft`), and tops up experiment.py's critique
+test set with program-written pairs (`critique_test_set`, this file's CLI). It needs arith's program steps; for
 other data, write {question, response, critique} rows with a stronger model, as the paper does.
 """
 import random
 import re
 from fractions import Fraction
 
+import data
 import reward
 from data import DataError, write_jsonl
 
@@ -162,3 +164,47 @@ def cold_start_data(records, out_path, responses=None, seed=0, n_wrong=1, genera
     write_jsonl(out_path, rows)
     return dict(path=str(out_path), n_critique=len(crit), n_right=len(crit) // 2, n_wrong=len(crit) // 2,
                 n_generation=len(records) if generation else 0, n_policy=len(items))
+
+
+def critique_test_set(argv=None):
+    """experiment.py's one critique test set: --model's own >= 2 samples per question (eval.py's sampling and
+    balance), topped up with program-written right and wrong responses where they were all right or all wrong.
+
+        python teacher.py --model sft/final --data arith:1 --limit 64 --k 2 --out critique_test.jsonl
+
+    Takes eval.py's flags (--out: the jsonl, read back by critique.load_pairs). Returns the number of pairs."""
+    import eval as ev
+    import rollout
+    args = ev.build_parser().parse_args(argv)
+    if not args.out:
+        raise DataError("teacher.py: --out OUT.jsonl is required (where the critique test set goes)")
+    split = "test" if str(args.data).split(":")[0] == "arith" else args.split
+    records = data.load_data(args.data, split=split, limit=args.limit or 100, seed=args.seed)
+    model, tok, _ = ev.load_model(args)
+    sampler = rollout.Sampler(model, max_batch=args.batch, max_len=args.max_len)
+    groups = ev.sample_responses(sampler, tok, args, records, max(args.k, 2), "critique-set samples",
+                                 args.temperature, args.seed + 7)
+    pairs = [{k: v for k, v in p.items() if k != "index"}
+             for p in ev.balanced_pairs(ev.sample_pairs(records, groups), args.seed)]
+    n_policy, have, rng = len(pairs), {p["question"] for p in pairs}, random.Random(args.seed)
+    for rec in records:
+        if rec["question"] not in have and rec.get("steps"):
+            pairs += [dict(question=rec["question"], response=synth_response(rec, rng, right=lab),
+                           label=lab, answer=rec["answer"]) for lab in (True, False)]
+    if not pairs:
+        raise DataError(f"no critique pairs from {args.data}: the model's samples were all right or all wrong and "
+                        "the data has no program solutions to top up from (use arith data)")
+    write_jsonl(args.out, pairs)
+    print(f"[teacher] critique test set: {len(pairs)} pairs ({n_policy} from {args.model}'s samples, "
+          f"{len(pairs) - n_policy} program-written) -> {args.out}")
+    return len(pairs)
+
+
+if __name__ == "__main__":
+    import sys
+    import eval as ev
+    try:
+        critique_test_set()
+    except (DataError, ev.EvalError) as e:
+        print(f"teacher.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

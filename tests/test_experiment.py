@@ -63,7 +63,7 @@ def test_plan_order_and_critique_set(tmp_path):
                      "gc/seed0 train", "gc/seed0 eval", "g/seed1 train", "g/seed1 eval", "gc/seed1 train",
                      "gc/seed1 eval"]
     crit = ex.plan(args)[1]["argv"]
-    assert crit[:4] == [PY, EVAL, "--make-critique-set", str(tmp_path / "critique_test.jsonl")]
+    assert crit[:4] == [PY, str(ex.HERE / "teacher.py"), "--out", str(tmp_path / "critique_test.jsonl")]
     assert crit[crit.index("--limit") + 1] == "64"
     assert crit[crit.index("--model") + 1] == str(tmp_path / "sft" / "final")
 
@@ -85,7 +85,7 @@ def test_dry_run_prints_commands_and_runs_nothing(tmp_path, monkeypatch, capsys)
     root = tmp_path / "grid"
     assert ex.main([str(root), "--methods", "gc-static", "--seeds", "0", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "--mode gc --pairs static" in out and "--make-critique-set" in out and "cold_start.jsonl" in out
+    assert "--mode gc --pairs static" in out and "teacher.py --out" in out and "cold_start.jsonl" in out
     assert not root.exists()
 
 

@@ -81,3 +81,23 @@ def test_cold_start_data_policy_responses_are_topped_up(tmp_path):
 
 
 # ----------------------------------------------------------------------------- critique evaluation data
+
+
+def test_critique_test_set_tops_up_with_program_pairs(tmp_path):
+    import critique
+    from conftest import make_model, make_tokenizer
+    tok, model_dir = make_tokenizer(), tmp_path / "tiny"
+    make_model(vocab_size=len(tok)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    out = tmp_path / "crit.jsonl"
+    argv = ["--model", str(model_dir), "--data", "arith:1", "--limit", "3", "--k", "2", "--max-new-tokens", "4",
+            "--out", str(out)]
+    n = teacher.critique_test_set(argv)  # a random tiny model answers nothing right: every pair is program-written
+    pairs = critique.load_pairs(out)
+    recs = {r["question"]: r for r in load_data("arith:1", split="test", limit=3)}
+    assert n == len(pairs) == 6 and [p["label"] for p in pairs] == [True, False] * 3
+    for p in pairs:
+        assert p["answer"] == recs[p["question"]]["answer"]
+        assert reward.is_correct(p["response"], p["answer"]) == p["label"]
+    with pytest.raises(DataError, match="--out"):
+        teacher.critique_test_set(argv[:-2])
