@@ -389,19 +389,16 @@ def peak_memory(device):
 
 def _truncate_jsonl(path, last_step):
     """Keep only rows with step <= last_step (a resumed run rewrites what came after its checkpoint; a line
-    cut short by a kill is dropped too)."""
-    def step_of(line):
+    cut short by a kill is dropped too), rewritten atomically."""
+    if not Path(path).is_file():
+        return
+    rows = []
+    for line in Path(path).read_text().splitlines():
         try:
-            return json.loads(line).get("step", 0)
+            rows.append(json.loads(line))
         except json.JSONDecodeError:
-            return math.inf
-
-    path = Path(path)
-    if path.is_file():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and step_of(ln) <= last_step]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        os.replace(tmp, path)
+            continue
+    data.write_jsonl(path, [r for r in rows if r.get("step", 0) <= last_step])
 
 
 def _checkpoints(out):

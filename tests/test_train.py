@@ -614,3 +614,13 @@ def test_training_critic_metrics_are_evals():
     assert got["critic/recall"] == want["recall"] == 2 / 4
     assert got["critic/wrong_rate"] == want["wrong_rate"] == 3 / 8
     assert got["critic/format_rate"] == want["format_rate"] == 6 / 8
+
+
+def test_resume_cuts_metrics_back_to_the_checkpoint(tmp_path):
+    """A run killed after step 3 with checkpoint-2: the resumed run rewrites steps 3+ (and drops a cut-short line)."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(dict(step=s, loss=0.1 * s)) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo')
+    train._truncate_jsonl(path, 2)
+    assert [json.loads(x) for x in path.read_text().splitlines()] == [dict(step=1, loss=0.1), dict(step=2, loss=0.2)]
+    train._truncate_jsonl(tmp_path / "absent.jsonl", 2)  # nothing to cut: no file appears
+    assert not (tmp_path / "absent.jsonl").exists()
