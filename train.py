@@ -37,6 +37,7 @@ tokens (--denoise) are scored, never trained.
 """
 import argparse
 import contextlib
+import ctypes
 import functools
 import hashlib
 import importlib.util
@@ -379,12 +380,18 @@ def peak_memory(device):
     out = {}
     if device.type == "cuda":
         out["mem/peak_cuda_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    try:
-        with open("/proc/self/status") as f:
-            out["mem/peak_rss_gib"] = next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 2**20
-    except (OSError, StopIteration):  # not Linux: no resident-memory figure
-        pass
+    with contextlib.suppress(OSError, StopIteration), open("/proc/self/status") as f:  # not Linux: no RSS figure
+        out["mem/peak_rss_gib"] = next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 2**20
     return out
+
+
+def keep_freed_memory():
+    """CPU: glibc maps each large tensor afresh and unmaps it when freed, so every micro-batch page-faults in the tied
+    embedding's (V, D) gradients and the bf16 weight casts again. From the heap, never trimmed below 2 GiB (mallopt),
+    the demo's update takes ~0.7x the time for ~5% more peak memory (BENCHMARKS.md). Not glibc: nothing changes."""
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-4, 0), libc.mallopt(-1, 2**31 - 1)  # M_MMAP_MAX: no mmap; M_TRIM_THRESHOLD
 
 
 def _truncate_jsonl(path, last_step):
@@ -475,6 +482,8 @@ class Trainer:
         self.out = Path(a.out)
         self.acc = acc = make_accelerator(a)
         self.rank, self.world, self.sharding = acc.process_index, acc.num_processes, sharding(acc)
+        if acc.device.type == "cpu":
+            keep_freed_memory()
         self._validate()
         set_seed(a.seed)
         if acc.is_main_process:
@@ -545,10 +554,6 @@ class Trainer:
         """The HF model under DDP / Accelerate wrappers: what the sampler reads (inside full_weights)."""
         return self.acc.unwrap_model(self.model).lm
 
-    def full_weights(self):
-        """Around every sampler use: the weights whole on every rank (FSDP / ZeRO-3), a no-op under DDP."""
-        return full_weights(self.model, self.acc)
-
     def _validate(self):
         a, W = self.args, self.world
         if a.questions_per_step % W:
@@ -579,7 +584,7 @@ class Trainer:
             from accelerate.utils import gather_object
             recs = self.records[:a.static_questions] if a.static_questions else self.records
             self.lm().eval()
-            with self.full_weights():
+            with full_weights(self.model, self.acc):
                 pairs = critique.build_static_pairs(self.sampler, self.tok, recs[self.rank::self.world], k=a.static_k,
                                                     seed=seed_for(a.seed, "static", self.rank), **self.gen_kwargs())
             pairs = gather_object(pairs) if self.world > 1 else pairs
@@ -622,7 +627,7 @@ class Trainer:
         """Steps 1-7 of the module docstring on this rank's share; returns the Metrics."""
         m, t_step = Metrics(), time.perf_counter()
         self.lm().eval()  # sampling: eval mode, no grad (the Sampler runs under inference_mode)
-        with self.full_weights():  # FSDP / ZeRO-3: one gather for all of the step's sampling
+        with full_weights(self.model, self.acc):  # FSDP / ZeRO-3: one gather for all of the step's sampling
             seqs, gen_tokens = self.rollouts(m)
         self.sampler.release()  # the KV cache is not kept through the backward; the next rollout reallocates it
         # 6-7. advantages and the update
@@ -889,7 +894,7 @@ class Trainer:
         """Greedy accuracy on --eval-data (this rank's share), into the step's metrics as eval/*."""
         recs = self.eval_records[self.rank::self.world]
         self.lm().eval()
-        with self.full_weights():
+        with full_weights(self.model, self.acc):
             outs = rollout.first_order_rollout(self.sampler, self.tok, recs, 1, seed=0,
                                                **dict(self.gen_kwargs(), temperature=0.0))
         m.mean_of("eval/acc/response", [reward.response_reward(o["text"], recs[o["q_index"]]["answer"]) > 0.5

@@ -74,7 +74,7 @@ if __name__ == "__main__":  # the driver, one per rank
         ck = save(self, final)
         if final:
             n = len(unshards)
-            with self.full_weights():  # (state_dict() would give FSDP2's shards: its hooks say so)
+            with train.full_weights(self.model, self.acc):  # (state_dict() would give FSDP2's shards: its hooks say so)
                 sd = {k: v.detach().clone() for k, v in self.lm().named_parameters(remove_duplicate=False)}
             lm, plugin = self.lm(), getattr(self.acc.state, "fsdp_plugin", None)  # (DDP: none)
             torch.save(dict(params=sd, sharding=self.sharding, unshards=n, loads=len(loads),
