@@ -37,7 +37,6 @@ tokens (--denoise) are scored, never trained.
 """
 import argparse
 import contextlib
-import ctypes
 import functools
 import hashlib
 import importlib.util
@@ -385,15 +384,6 @@ def peak_memory(device):
     return out
 
 
-def keep_freed_memory():
-    """CPU: glibc maps each large tensor afresh and unmaps it when freed, so every micro-batch page-faults in the tied
-    embedding's (V, D) gradients and the bf16 weight casts again. From the heap, never trimmed below 2 GiB (mallopt),
-    the demo's update takes ~0.7x the time for ~5% more peak memory (BENCHMARKS.md). Not glibc: nothing changes."""
-    with contextlib.suppress(OSError, AttributeError, TypeError):
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-4, 0), libc.mallopt(-1, 2**31 - 1)  # M_MMAP_MAX: no mmap; M_TRIM_THRESHOLD
-
-
 def _truncate_jsonl(path, last_step):
     """Keep only rows with step <= last_step (a resumed run rewrites what came after its checkpoint; a line
     cut short by a kill is dropped too), rewritten atomically."""
@@ -482,8 +472,6 @@ class Trainer:
         self.out = Path(a.out)
         self.acc = acc = make_accelerator(a)
         self.rank, self.world, self.sharding = acc.process_index, acc.num_processes, sharding(acc)
-        if acc.device.type == "cpu":
-            keep_freed_memory()
         self._validate()
         set_seed(a.seed)
         if acc.is_main_process:
