@@ -153,10 +153,15 @@ def evaluate(model, tok, args, log=print):
                 items=item_outcomes(records, greedy, samples, pairs, crits, k_ref), time_s=round(time.time() - t0, 1))
 
 
+def eval_records(args):
+    """(split, records): the --data questions to evaluate, at most --limit (default 100); arith: its test split."""
+    split = "test" if str(args.data).split(":")[0] == "arith" else args.split  # arith: its held-out questions
+    return split, data.load_data(args.data, split=split, limit=args.limit or 100, seed=args.seed)
+
+
 def generation_block(sampler, tok, args, log):
     """(records, greedy responses, --k samples per record or None, the generation block)."""
-    split = "test" if str(args.data).split(":")[0] == "arith" else args.split  # arith: its held-out questions
-    records = data.load_data(args.data, split=split, limit=args.limit or 100, seed=args.seed)
+    split, records = eval_records(args)
     log(f"[eval] {len(records)} questions from {args.data} ({split}): greedy")
     greedy = [g[0] for g in sample_responses(sampler, tok, args, records, 1, "greedy", 0.0, args.seed)]
     samples = None

@@ -9,7 +9,6 @@ import random
 import re
 from fractions import Fraction
 
-import data
 import reward
 from data import DataError, write_jsonl
 
@@ -178,8 +177,7 @@ def critique_test_set(argv=None):
     args = ev.build_parser().parse_args(argv)
     if not args.out:
         raise DataError("teacher.py: --out OUT.jsonl is required (where the critique test set goes)")
-    split = "test" if str(args.data).split(":")[0] == "arith" else args.split
-    records = data.load_data(args.data, split=split, limit=args.limit or 100, seed=args.seed)
+    _, records = ev.eval_records(args)  # the questions eval.py evaluates
     model, tok, _ = ev.load_model(args)
     sampler = rollout.Sampler(model, max_batch=args.batch, max_len=args.max_len)
     groups = ev.sample_responses(sampler, tok, args, records, max(args.k, 2), "critique-set samples",
