@@ -194,6 +194,25 @@ def row_length(seqs, row):
     return len(seqs[row[0]]["prompt_ids"]) + sum(max(len(seqs[i]["tokens"]) - 1, 0) for i in row)
 
 
+def runs_at(lengths, cap):
+    """Start indices of the runs (micro-batches) that fill ascending row `lengths` greedily up to `cap` padded
+    tokens each (rows x the run's longest row): the fewest runs no bigger than cap (a row over it goes alone)."""
+    out = [0]
+    for j, n_tok in enumerate(lengths):
+        if (j + 1 - out[-1]) * n_tok > cap and j > out[-1]:
+            out.append(j)
+    return out
+
+
+def balanced_cap(lengths, n):
+    """The smallest size of the biggest run at which ascending row `lengths` fit in n runs (binary search)."""
+    lo, hi = max(lengths, default=0), len(lengths) * max(lengths, default=0)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if len(runs_at(lengths, mid)) <= n else (mid + 1, hi)
+    return lo
+
+
 def mask_windows(lm):
     """How `lm`'s HF forward takes a custom attention mask: {layer type: sliding window or None} for models that
     read a dict of masks per layer type (Qwen2, Qwen3), else {None: window} for one mask (Llama, Mistral)."""
@@ -792,19 +811,23 @@ class Trainer:
         return loss
 
     def optimize(self, rows, m, temperature, loss_fn):
-        """One optimizer update on `rows`, in exactly --grad-accum micro-batches (`micro_batches`); shared by
-        GRPO and SFT. loss_fn(micro, inputs, logp, ent, mask) -> the micro-batch's part of the globally
-        normalised loss. Returns this rank's summed loss."""
+        """One optimizer update on `rows`, in the micro-batches of `micro_batches`; shared by GRPO and SFT.
+        loss_fn(micro, inputs, logp, ent, mask) -> the micro-batch's part of the globally normalised loss.
+        Returns this rank's summed loss."""
         acc, total = self.acc, 0.0
+        micros = self.micro_batches(rows)
+        # their number varies with packing: accumulate() then syncs and steps on the last one
+        acc.gradient_accumulation_steps, acc.step = len(micros), 0
+        m.add("update/micro_batches", len(micros))
         self.model.train()
-        for micro in self.micro_batches(rows):
+        for micro in micros:
             with acc.accumulate(self.model):
                 inputs, mask = self.collate(micro)
                 logp, ent = self.model(**inputs, temperature=temperature)  # (N, C) each
                 loss = loss_fn(micro, inputs, logp, ent, mask)
-                # DDP averages gradients over ranks and accelerator.backward divides by G: undo both, so the
-                # gradient is that of the globally normalised loss
-                acc.backward(loss * self.world * self.args.grad_accum)
+                # DDP averages gradients over ranks and accelerator.backward divides by the micro-batch count:
+                # undo both, so the gradient is that of the globally normalised loss
+                acc.backward(loss * self.world * len(micros))
                 total += float(loss.detach())
                 if acc.sync_gradients:  # DeepSpeed clips by its config and may report no norm
                     norm = acc.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
@@ -823,16 +846,23 @@ class Trainer:
         return collate(seqs, self.pad_id, self.acc.device, self.share_prompts, self.windows)
 
     def micro_batches(self, seqs):
-        """Exactly --grad-accum micro-batches (some maybe empty: every rank makes the same number of backward
-        calls) of similar token counts: the packed rows (a group never split) sorted by length and cut into runs
-        of about equal tokens, so each holds a share of the activations and little padding."""
+        """The update's micro-batches: the packed rows (a group never split) sorted by length and cut into runs,
+        so that each holds a share of the activations and little padding. --grad-accum G sets the budget: the
+        largest micro-batch (padded tokens) that G micro-batches of one row per sequence would have. Packed
+        rows, with each prompt once, fit it in fewer (fewer forward/backward passes, each with a fixed cost: the
+        (V, D) embedding gradient, autocast's weight casts); a row over the budget is a micro-batch alone.
+        Every rank makes the most micro-batches any rank needs (the same number of backward calls; some maybe
+        empty); under DeepSpeed, whose config fixes the count, exactly G."""
         G = self.args.grad_accum
         rows = sorted(((row_length(seqs, r), r) for r in pack(seqs, self.share_prompts)), key=lambda x: x[0])
-        total, out, acc_tok = sum(n for n, _ in rows), [[] for _ in range(G)], 0
-        for n, row in rows:  # a row goes to the run its middle token falls in
-            out[min(G - 1, int((acc_tok + n / 2) * G / max(total, 1)))] += [seqs[i] for i in row]
-            acc_tok += n
-        return out
+        lengths = [k for k, _ in rows]
+        budget = balanced_cap(sorted(row_length(seqs, [i]) for i in range(len(seqs))), G)
+        n = G if self.sharding == "zero3" else len(runs_at(lengths, budget))
+        if self.world > 1:
+            n = int(self.acc.gather(torch.tensor([n], device=self.acc.device)).max())
+        starts = runs_at(lengths, balanced_cap(lengths, n)) + [len(rows)]  # n runs, the biggest as small as can be
+        out = [[seqs[i] for _, row in rows[a:b] for i in row] for a, b in zip(starts, starts[1:])]
+        return out + [[] for _ in range(n - len(out))]
 
     def _logprobs(self, policy, seqs):
         """Per-sequence log-probs of `policy` (no grad; the caller sets autocast), packed rows of up to
@@ -1055,7 +1085,8 @@ def build_parser():
     g.add_argument("--mini-batch-size", type=int, default=0,
                    help="sequences per optimizer update per process (0: the whole rollout, one update per pass)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update (forward/backward pieces of similar "
-                   "length): divides the update's activation memory, same update")
+                   "length): divides the update's activation memory, same update; with --share-prompts, a piece holds "
+                   "1/G of the tokens one row per sequence would take, so packed rows need fewer")
     g.add_argument("--logprob-batch", type=int, default=16, help="sequences per no-grad old / reference log-prob pass")
     g.add_argument("--share-prompts", type=_flag, default=True, metavar="{true,false}",
                    help="train each prompt once per group: [prompt, completion_1, ..., completion_n] in one row with a "

@@ -84,14 +84,46 @@ def test_packed_bf16_autocast_close_to_unpacked():
     assert float(((lp0 - lp1).abs() * m0).max()) <= 0.05
 
 
-def test_micro_batches_keep_groups_whole_and_balance_tokens():
-    seqs = groups_batch()
-    for G in (1, 2, 3, 8):
-        fake = SimpleNamespace(args=SimpleNamespace(grad_accum=G), share_prompts=True)
+def best_split(lengths, n):
+    """Brute force: the smallest biggest-run size (rows x the run's longest row) of any split of ascending
+    `lengths` into at most n contiguous runs."""
+    if not lengths:
+        return 0
+    if n <= 1:  # no run left for a non-empty rest: impossible
+        return len(lengths) * lengths[-1] if n == 1 else float("inf")
+    return min(max(j * lengths[j - 1], best_split(lengths[j:], n - 1)) for j in range(1, len(lengths) + 1))
+
+
+def test_balanced_cap_is_the_best_split():
+    rng = random.Random(0)
+    for _ in range(300):
+        lengths = sorted(rng.randrange(1, 60) for _ in range(rng.randrange(0, 9)))
+        n = rng.randrange(1, 6)
+        cap = train.balanced_cap(lengths, n)
+        assert cap == best_split(lengths, n)
+        starts = train.runs_at(lengths, cap) + [len(lengths)]
+        assert len(starts) - 1 <= n and (starts == sorted(set(starts)) or not lengths)
+        assert all((b - a) * lengths[b - 1] <= cap for a, b in zip(starts, starts[1:]) if b > a)
+
+
+def test_micro_batches_keep_groups_whole_within_the_unpacked_budget():
+    seqs = groups_batch()  # packed rows of 8, 13, 23 and 28 tokens; one row per sequence: 3, 3, 6, 8, 8, 11, 13, ...
+    singles = sorted(train.row_length(seqs, [i]) for i in range(len(seqs)))
+    assert singles == [3, 3, 6, 8, 8, 11, 13, 13, 24, 26]
+    for G, share, sharding, want in [(1, True, None, [112]), (2, True, None, [26, 56]), (8, True, None, [26, 23, 28]),
+                                     (8, True, "zero3", [26, 23, 28, 0, 0, 0, 0, 0]), (2, False, None, [91, 78])]:
+        fake = SimpleNamespace(args=SimpleNamespace(grad_accum=G), share_prompts=share, sharding=sharding, world=1)
         micro = train.Trainer.micro_batches(fake, seqs)
-        assert len(micro) == G  # exactly G (some maybe empty): every rank makes the same number of backward calls
+        # padded tokens of each micro-batch: its rows x its longest row (what collate builds)
+        sizes = [len(train.pack(mb, share)) * max((train.row_length(mb, r) for r in train.pack(mb, share)), default=0)
+                 for mb in micro]
+        assert sizes == want
+        budget = best_split(singles, G)  # the biggest micro-batch of G with one row per sequence
+        # within the budget but for a row over it (28 > 26 at G = 8), in the fewest micro-batches that can be
+        assert all(k <= max(budget, 28) for k in sizes)
+        assert sharding or best_split([8, 13, 23, 28] if share else singles, len(micro) - 1) > max(budget, 28)
         assert sorted(map(id, sum(micro, []))) == sorted(map(id, seqs))
-        for mb in micro:  # a group (same prompt) never split across micro-batches
+        for mb in micro:  # a packed group (same prompt) never split across micro-batches
             for other in micro:
-                if other is not mb:
+                if share and other is not mb:
                     assert not {tuple(s["prompt_ids"]) for s in mb} & {tuple(s["prompt_ids"]) for s in other}
