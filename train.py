@@ -195,8 +195,8 @@ def row_length(seqs, row):
 
 
 def runs_at(lengths, cap):
-    """Start indices of the runs (micro-batches) that fill ascending row `lengths` greedily up to `cap` padded
-    tokens each (rows x the run's longest row): the fewest runs no bigger than cap (a row over it goes alone)."""
+    """Start indices of the fewest runs (micro-batches) of ascending row `lengths` whose padded size, rows x the
+    run's longest row, is at most cap (a row over it goes alone): fill each run greedily."""
     out = [0]
     for j, n_tok in enumerate(lengths):
         if (j + 1 - out[-1]) * n_tok > cap and j > out[-1]:
@@ -205,7 +205,7 @@ def runs_at(lengths, cap):
 
 
 def balanced_cap(lengths, n):
-    """The smallest size of the biggest run at which ascending row `lengths` fit in n runs (binary search)."""
+    """The smallest cap at which runs_at(lengths, cap) needs at most n runs (binary search)."""
     lo, hi = max(lengths, default=0), len(lengths) * max(lengths, default=0)
     while lo < hi:
         mid = (lo + hi) // 2
@@ -846,13 +846,11 @@ class Trainer:
         return collate(seqs, self.pad_id, self.acc.device, self.share_prompts, self.windows)
 
     def micro_batches(self, seqs):
-        """The update's micro-batches: the packed rows (a group never split) sorted by length and cut into runs,
-        so that each holds a share of the activations and little padding. --grad-accum G sets the budget: the
-        largest micro-batch (padded tokens) that G micro-batches of one row per sequence would have. Packed
-        rows, with each prompt once, fit it in fewer (fewer forward/backward passes, each with a fixed cost: the
-        (V, D) embedding gradient, autocast's weight casts); a row over the budget is a micro-batch alone.
-        Every rank makes the most micro-batches any rank needs (the same number of backward calls; some maybe
-        empty); under DeepSpeed, whose config fixes the count, exactly G."""
+        """The update's micro-batches: the packed rows (a group never split) sorted by length and cut into runs
+        of little padding, within the biggest micro-batch (padded tokens) that --grad-accum G would give one row
+        per sequence. Packed rows fit that in fewer passes, each with a fixed cost (the (V, D) embedding
+        gradient, autocast's weight casts). Every rank makes as many as the busiest (the same backward calls;
+        some maybe empty); DeepSpeed's config fixes the count at G."""
         G = self.args.grad_accum
         rows = sorted(((row_length(seqs, r), r) for r in pack(seqs, self.share_prompts)), key=lambda x: x[0])
         lengths = [k for k, _ in rows]
@@ -1085,8 +1083,8 @@ def build_parser():
     g.add_argument("--mini-batch-size", type=int, default=0,
                    help="sequences per optimizer update per process (0: the whole rollout, one update per pass)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update (forward/backward pieces of similar "
-                   "length): divides the update's activation memory, same update; with --share-prompts, a piece holds "
-                   "1/G of the tokens one row per sequence would take, so packed rows need fewer")
+                   "length): divides the update's activation memory, same update; packed rows (--share-prompts) "
+                   "need fewer to stay within the same memory")
     g.add_argument("--logprob-batch", type=int, default=16, help="sequences per no-grad old / reference log-prob pass")
     g.add_argument("--share-prompts", type=_flag, default=True, metavar="{true,false}",
                    help="train each prompt once per group: [prompt, completion_1, ..., completion_n] in one row with a "
