@@ -24,9 +24,8 @@ setup: $(STAMP)  ## create .venv and install everything
 # in one place. Scale up on a GPU: raise RL_STEPS, --questions, --train-limit, LIMIT and drop --dtype bf16 caps.
 CPU_RUN := --data arith:1 --k 2 --max-new-tokens 96 --critique-max-new-tokens 128 --dtype bf16 --train-limit 256 \
   --cold-start-n 128 --sft-steps 24 --sft-batch 8 --sft-lr 5e-5 --questions 4 --rl-lr 5e-6
-# --grad-accum 4: each update in micro-batches of similar lengths, each at most about a quarter of the tokens
-# of one row per sequence (the packed rows of --share-prompts fill that in about 2): the same update with a
-# quarter of the activations alive and less padding. 10 GC-RL steps alone from the demo's cold start, one row per
+# --grad-accum 4: each update in at most 4 micro-batches of similar lengths: the same update with a quarter
+# of the activations alive and less padding. 10 GC-RL steps alone from the demo's cold start, one row per
 # sequence: --grad-accum 2 peaked at 9.4 GiB resident, 26.5 s per step; --grad-accum 4 at 6.2 GiB, 22.3 s per
 # step (1: 9.4 GiB in 4 steps).
 CPU_TRAIN := --mixed-precision bf16 --num-generations 4 --pairs-per-step 4 --critiques-per-pair 4 \

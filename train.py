@@ -846,20 +846,19 @@ class Trainer:
         return collate(seqs, self.pad_id, self.acc.device, self.share_prompts, self.windows)
 
     def micro_batches(self, seqs):
-        """The update's micro-batches: the packed rows (a group never split) sorted by length and cut into runs
-        of little padding, within the biggest micro-batch (padded tokens) that --grad-accum G would give one row
-        per sequence. Packed rows fit that in fewer passes, each with a fixed cost (the (V, D) embedding
-        gradient, autocast's weight casts). Every rank makes as many as the busiest (the same backward calls;
-        some maybe empty); DeepSpeed's config fixes the count at G."""
+        """The update's micro-batches: the packed rows (a group never split) sorted by length and cut into at most
+        --grad-accum G runs whose biggest (padded tokens: rows x the longest row) is as small as can be, every run
+        filled up to that size: each holds a share of the activations and little padding, and no pass is spent
+        on less. Every rank makes as many as the busiest (the same backward calls; some maybe empty);
+        DeepSpeed's config fixes the count at G."""
         G = self.args.grad_accum
         rows = sorted(((row_length(seqs, r), r) for r in pack(seqs, self.share_prompts)), key=lambda x: x[0])
         lengths = [k for k, _ in rows]
-        budget = balanced_cap(sorted(row_length(seqs, [i]) for i in range(len(seqs))), G)
-        n = G if self.sharding == "zero3" else len(runs_at(lengths, budget))
+        starts = runs_at(lengths, balanced_cap(lengths, G)) + [len(rows)]
+        out = [[seqs[i] for _, row in rows[a:b] for i in row] for a, b in zip(starts, starts[1:])]
+        n = G if self.sharding == "zero3" else len(out)
         if self.world > 1:
             n = int(self.acc.gather(torch.tensor([n], device=self.acc.device)).max())
-        starts = runs_at(lengths, balanced_cap(lengths, n)) + [len(rows)]  # n runs, the biggest as small as can be
-        out = [[seqs[i] for _, row in rows[a:b] for i in row] for a, b in zip(starts, starts[1:])]
         return out + [[] for _ in range(n - len(out))]
 
     def _logprobs(self, policy, seqs):
@@ -1082,9 +1081,8 @@ def build_parser():
                    help="passes over each rollout (old log-probs from the trainer)")
     g.add_argument("--mini-batch-size", type=int, default=0,
                    help="sequences per optimizer update per process (0: the whole rollout, one update per pass)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update (forward/backward pieces of similar "
-                   "length): divides the update's activation memory, same update; packed rows (--share-prompts) "
-                   "need fewer to stay within the same memory")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update, at most (forward/backward pieces "
+                   "of similar length): divides the update's activation memory, same update")
     g.add_argument("--logprob-batch", type=int, default=16, help="sequences per no-grad old / reference log-prob pass")
     g.add_argument("--share-prompts", type=_flag, default=True, metavar="{true,false}",
                    help="train each prompt once per group: [prompt, completion_1, ..., completion_n] in one row with a "
