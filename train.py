@@ -620,6 +620,10 @@ class Trainer:
         t = torch.tensor(values, dtype=torch.float64, device=self.acc.device)
         return (self.acc.reduce(t, "sum") if self.world > 1 else t).tolist()
 
+    def all_max(self, n):
+        """An int's maximum over ranks: the busiest rank's count, which every rank must match in collectives."""
+        return int(self.acc.gather(torch.tensor([n], device=self.acc.device)).max()) if self.world > 1 else n
+
     def set_lr(self):
         """The LR of the coming step: linear warm-up over --warmup-steps, then constant. A pure function of the
         step (no scheduler state to checkpoint). Returns it."""
@@ -776,9 +780,7 @@ class Trainer:
         adv, zero = self.advantages(seqs, m)
         keep = [i for i, s in enumerate(seqs) if not zero[i] and not (a.mask_truncated and s["truncated"])]
         m.add("update/seqs", len(keep))
-        counts = torch.tensor([len(keep)], device=acc.device)
-        counts = acc.gather(counts) if self.world > 1 else counts  # (W,): every rank's loss-batch size
-        busiest = int(counts.max())
+        busiest = self.all_max(len(keep))  # the largest loss batch of any rank
         if busiest == 0:
             return [], 0
         n_mb = math.ceil(busiest / (a.mini_batch_size or busiest))
@@ -856,9 +858,7 @@ class Trainer:
         lengths = [k for k, _ in rows]
         starts = runs_at(lengths, balanced_cap(lengths, G)) + [len(rows)]
         out = [[seqs[i] for _, row in rows[a:b] for i in row] for a, b in zip(starts, starts[1:])]
-        n = G if self.sharding == "zero3" else len(out)
-        if self.world > 1:
-            n = int(self.acc.gather(torch.tensor([n], device=self.acc.device)).max())
+        n = G if self.sharding == "zero3" else self.all_max(len(out))
         return out + [[] for _ in range(n - len(out))]
 
     def _logprobs(self, policy, seqs):
@@ -873,8 +873,7 @@ class Trainer:
             pieces[-1] += row
         pieces = [p for p in pieces if p]
         if self.sharding and policy is not self.ref:  # the reference model is a plain module on every rank
-            n = self.acc.gather(torch.tensor([len(pieces)], device=self.acc.device)) if self.world > 1 else [0]
-            pieces += [[] for _ in range(int(max(n)) - len(pieces))]
+            pieces += [[] for _ in range(self.all_max(len(pieces)) - len(pieces))]
         out = [None] * len(seqs)
         for piece in pieces:
             inputs, _ = self.collate([seqs[i] for i in piece])

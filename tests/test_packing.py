@@ -112,7 +112,8 @@ def test_micro_batches_keep_groups_whole_and_make_the_biggest_small():
     assert singles == [3, 3, 6, 8, 8, 11, 13, 13, 24, 26]
     for G, share, sharding, want in [(1, True, None, [112]), (2, True, None, [26, 56]), (8, True, None, [26, 23, 28]),
                                      (8, True, "zero3", [26, 23, 28, 0, 0, 0, 0, 0]), (2, False, None, [91, 78])]:
-        fake = SimpleNamespace(args=SimpleNamespace(grad_accum=G), share_prompts=share, sharding=sharding, world=1)
+        fake = SimpleNamespace(args=SimpleNamespace(grad_accum=G), share_prompts=share, sharding=sharding,
+                               all_max=lambda n: n)  # one process
         micro = train.Trainer.micro_batches(fake, seqs)
         # padded tokens of each micro-batch: its rows x its longest row (what collate builds)
         sizes = [len(train.pack(mb, share)) * max((train.row_length(mb, r) for r in train.pack(mb, share)), default=0)
