@@ -2,11 +2,13 @@
 
     pairs = pairs_from_rollout(samples, records, rewards, rng)  # label-balance filter: 1 right + 1 wrong / question
     cache.push(pairs)                                           # QRCache: always exactly 1:1 right:wrong
-    crits = second_order_rollout(sampler, tok, cache.pop(P), m) # m critiques per pair, rewards of Eq. 2 (+ Eq. 4)
+    crits = sample_critiques(sampler, tok, cache.pop(P), m)     # m critiques per pair (unscored: reward.py scores)
+    crits = second_order_rollout(sampler, tok, pairs, m)        # sampled and scored: Eq. 2 (+ Eq. 4 with k_ref)
 
 Also: critique / refinement prompts (CFT style, the paper's Figure 6 fields; never the reference answer), C-RL's
-static pairs (§4) and critique evaluation sets; the cold-start data's program teacher is `teacher.py`. As in the paper, refinement tokens are never trained and a critique's steps are not verified
-(outcome reward). `rollout` (so torch) is imported only by the functions that sample.
+static pairs (§4) and critique evaluation sets; the cold-start data's program teacher is `teacher.py`. As in the
+paper, refinement tokens are never trained and a critique's steps are not verified (outcome reward). `rollout`
+(so torch) is imported only by the functions that sample.
 """
 import random
 import re
@@ -140,17 +142,11 @@ def pairs_from_rollout(samples, records, rewards, rng, pair_filter="balance"):
     return pairs
 
 
-def second_order_rollout(sampler, tokenizer, pairs, m, scheme="plain", p_correct=None, k_ref=0, stop_ids=None,
-                         **gen_kwargs):
-    """`m` critiques of each pair from the policy's Sampler (one `generate` call, prompt-major), scored: one dict
-    per critique {pair_index, group (= pair_index), pair_id, prompt_ids, tokens, logprobs, text, verdict, reward,
-    bonus, truncated, length, label}, reward = reward.critique_reward(verdict, label, scheme, p_correct) + bonus.
-    k_ref > 0 (denoising, Eq. 4): k_ref refinements per critique with a verdict (one more call, seed + 1), checked
-    against the pair's gold: bonus = reward.denoise_bonus(verdict, k, k_ref), `refine_correct` = k."""
+def sample_critiques(sampler, tokenizer, pairs, m, stop_ids=None, **gen_kwargs):
+    """Step 4: `m` critiques of each pair from the policy's Sampler (one `generate` call, prompt-major). One dict per
+    critique {pair_index, pair_id, prompt_ids, tokens, logprobs, text, truncated, length, label}: unscored."""
     if not pairs:
         return []
-    if k_ref > 0 and any(p.get("answer") is None for p in pairs):
-        raise ValueError("denoising (k_ref > 0) needs every pair's gold 'answer' to verify refinements")
     if stop_ids is None:
         from rollout import default_stop_ids
         stop_ids = default_stop_ids(tokenizer)
@@ -158,34 +154,52 @@ def second_order_rollout(sampler, tokenizer, pairs, m, scheme="plain", p_correct
     outs = sampler.generate(prompts, n=m, stop_ids=stop_ids, **gen_kwargs)
     if len(outs) != len(pairs) * m:
         raise RuntimeError(f"sampler returned {len(outs)} critiques for {len(pairs)} pairs x m={m}")
-    crits = []
-    for o in outs:
-        i = o["prompt_index"]
-        text = tokenizer.decode(o["tokens"], skip_special_tokens=True)
-        verdict = reward.extract_verdict(text)
-        label = bool(pairs[i]["label"])
-        crits.append(dict(pair_index=i, group=i, pair_id=pairs[i].get("id"), prompt_ids=prompts[i],
-                          tokens=o["tokens"], logprobs=o["logprobs"], text=text, verdict=verdict,
-                          reward=reward.critique_reward(verdict, label, scheme, p_correct), bonus=0.0,
-                          truncated=o["truncated"], length=o["length"], label=label))
-    if k_ref > 0:
-        todo = [c for c in crits if c["verdict"] is not None]
-        if todo:
-            ref_prompts = [refine_prompt(tokenizer, pairs[c["pair_index"]]["question"],
-                                         pairs[c["pair_index"]]["response"], c["text"])
-                           for c in todo]
-            seed = gen_kwargs.get("seed")  # + 1: a different stream from the critiques'
-            kw = dict(gen_kwargs, **({} if seed is None else {"seed": seed + 1}))
-            refs = sampler.generate(ref_prompts, n=k_ref, stop_ids=stop_ids, **kw)
-            for c in todo:
-                c["refine_correct"] = 0
-            for r in refs:
-                c = todo[r["prompt_index"]]
-                c["refine_correct"] += reward.is_correct(tokenizer.decode(r["tokens"], skip_special_tokens=True),
-                                                         pairs[c["pair_index"]]["answer"])
-        for c in crits:
-            c["bonus"] = reward.denoise_bonus(c["verdict"], c.get("refine_correct", 0), k_ref)
-            c["reward"] += c["bonus"]
+    return [dict(pair_index=o["prompt_index"], pair_id=pairs[o["prompt_index"]].get("id"),
+                 prompt_ids=prompts[o["prompt_index"]], tokens=o["tokens"], logprobs=o["logprobs"],
+                 text=tokenizer.decode(o["tokens"], skip_special_tokens=True), truncated=o["truncated"],
+                 length=o["length"], label=bool(pairs[o["prompt_index"]]["label"])) for o in outs]
+
+
+def sample_refinements(sampler, tokenizer, pairs, critiques, verdicts, k_ref, stop_ids=None, **gen_kwargs):
+    """Denoising's self-corrections (Eq. 4): `k_ref` refinements of the judged response given each critique that has
+    a verdict (one `generate` call; refine_prompt). Returns their texts, one list per critique ([] without a
+    verdict). critiques: dicts with pair_index and text (sample_critiques)."""
+    if any(p.get("answer") is None for p in pairs):
+        raise ValueError("denoising (k_ref > 0) needs every pair's gold 'answer' to verify refinements")
+    todo = [i for i, v in enumerate(verdicts) if v is not None]
+    texts = [[] for _ in critiques]
+    if not todo:
+        return texts
+    if stop_ids is None:
+        from rollout import default_stop_ids
+        stop_ids = default_stop_ids(tokenizer)
+    prompts = [refine_prompt(tokenizer, pairs[critiques[i]["pair_index"]]["question"],
+                             pairs[critiques[i]["pair_index"]]["response"], critiques[i]["text"]) for i in todo]
+    for r in sampler.generate(prompts, n=k_ref, stop_ids=stop_ids, **gen_kwargs):
+        texts[todo[r["prompt_index"]]].append(tokenizer.decode(r["tokens"], skip_special_tokens=True))
+    return texts
+
+
+def second_order_rollout(sampler, tokenizer, pairs, m, scheme="plain", p_correct=None, k_ref=0, stop_ids=None,
+                         **gen_kwargs):
+    """Steps 4-5 in one call (what eval.py measures critics with): sample_critiques, then each critique's verdict
+    and reward.critique_rewards (Eq. 2 / 3 / 5 / 6; k_ref > 0: plus the Eq. 4 bonus from sample_refinements, seed
+    + 1). One dict per critique: sample_critiques' keys and verdict, reward (bonus included), bonus, and with
+    k_ref > 0 `refine_correct` (k) for a critique with a verdict."""
+    if k_ref > 0 and any(p.get("answer") is None for p in pairs):
+        raise ValueError("denoising (k_ref > 0) needs every pair's gold 'answer' to verify refinements")
+    crits = sample_critiques(sampler, tokenizer, pairs, m, stop_ids=stop_ids, **gen_kwargs)
+    verdicts = [reward.extract_verdict(c["text"]) for c in crits]
+    refinements = None
+    if k_ref > 0 and crits:
+        seed = gen_kwargs.get("seed")  # + 1: a different stream from the critiques'
+        kw = dict(gen_kwargs, **({} if seed is None else {"seed": seed + 1}))
+        refinements = sample_refinements(sampler, tokenizer, pairs, crits, verdicts, k_ref, stop_ids=stop_ids, **kw)
+    golds = [pairs[c["pair_index"]].get("answer") for c in crits]
+    rewards, bonuses, ks = reward.critique_rewards(verdicts, [c["label"] for c in crits], scheme, p_correct, k_ref,
+                                                   refinements, golds)
+    for c, v, r, b, k in zip(crits, verdicts, rewards, bonuses, ks):
+        c.update(verdict=v, reward=r, bonus=b, **({"refine_correct": k} if k is not None else {}))
     return crits
 
 

@@ -4,6 +4,7 @@
     normalize_answer                                an answer's canonical string, for voting (maj@k)
     extract_verdict / critique_reward               second-order reward, Eq. 2 (+ Eq. 3, 5, 6)
     denoise_bonus                                   self-correction bonus, Eq. 4
+    critique_rewards                                a step's critique rewards: Eq. 2 / 3 / 5 / 6 (+ Eq. 4)
     balance                                         the label-balance filter (one right + one wrong per question)
 
 Decisions (the paper is silent on these):
@@ -297,6 +298,23 @@ def denoise_bonus(verdict, k, n):
     if not 0 <= k <= n:
         raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
     return {"right": 0.1, "wrong": 0.7}[verdict] * k / n
+
+
+def critique_rewards(verdicts, labels, scheme="plain", p_correct=None, k_ref=0, refinements=None, golds=None):
+    """Step 5 for a step's critiques: R(c) = critique_reward(verdict, label, scheme, p_correct) (Eq. 2, 3, 5, 6),
+    and with `refinements` (Eq. 4: per critique the texts of its k_ref self-corrections, [] without a verdict;
+    `golds`: each judged question's answer) plus denoise_bonus(verdict, k, k_ref) for k of them correct.
+    Returns (rewards, bonuses, ks): ks[i] is k, or None where nothing was refined."""
+    rewards, bonuses, ks = [], [], []
+    for i, (verdict, label) in enumerate(zip(verdicts, labels)):
+        k = None
+        if refinements is not None and verdict is not None:
+            k = sum(is_correct(text, golds[i]) for text in refinements[i])
+        bonus = denoise_bonus(verdict, k or 0, k_ref) if refinements is not None else 0.0
+        rewards.append(critique_reward(verdict, label, scheme, p_correct) + bonus)
+        bonuses.append(bonus)
+        ks.append(k)
+    return rewards, bonuses, ks
 
 
 # ----------------------------------------------------------------------------- the data filter

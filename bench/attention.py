@@ -19,9 +19,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sampler import DTYPES, prompts_for  # noqa: E402  (bench/sampler.py)
+
+import models  # noqa: E402
 import rollout  # noqa: E402
 from common import stats  # noqa: E402  (bench/common.py)
-from sampler import DTYPES, prompts_for  # noqa: E402  (bench/sampler.py)
 
 A, HKV, G, D, T = 64, 3, 3, 64, 200
 
@@ -58,7 +60,7 @@ def kernels(dtype):
 
 
 def in_sampler(dtype, new=64, runs=3):
-    model, tok = rollout.load_policy("smollm2-135m", dtype=dtype)
+    model, tok = models.load_policy("smollm2-135m", dtype=dtype)
     prompts = prompts_for(tok, 16)
     s = rollout.Sampler(model, max_batch=64, max_len=max(map(len, prompts)) + new + 1)
     s.generate(prompts, n=4, max_new_tokens=4, stop_ids=[], seed=0)  # warm-up

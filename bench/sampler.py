@@ -37,10 +37,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import rollout  # noqa: E402
 from common import peak_mib, stats  # noqa: E402  (bench/common.py)
 from data import gen_prompt, load_data  # noqa: E402
-import rollout  # noqa: E402
-from rollout import Sampler, load_policy  # noqa: E402
+from models import load_policy  # noqa: E402
+from rollout import Sampler  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

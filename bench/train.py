@@ -37,8 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[0:0] = [str(ROOT)]  # the repo's train.py, not this file, is `train`
 import torch  # noqa: E402
 
+import config  # noqa: E402
 import data  # noqa: E402
-import rollout  # noqa: E402
+import grpo  # noqa: E402
+import models  # noqa: E402
+import runtime  # noqa: E402
 import train  # noqa: E402
 from common import peak_mib, stats  # noqa: E402  (bench/common.py)
 
@@ -101,23 +104,24 @@ def gemm_time(lm, tokens, completion_tokens, dtype):
 # ----------------------------------------------------------------------------- 1. throughput
 
 def throughput(args):
-    lm, tok = rollout.load_policy(args.model, dtype=torch.float32)
-    policy = train.Policy(lm).train()
+    lm, tok = models.load_policy(args.model, dtype=torch.float32)
+    policy = grpo.Policy(lm).train()
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
     recs = data.load_data("arith", limit=args.batch, seed=0)
     g = torch.Generator().manual_seed(0)
-    seqs = [dict(prompt_ids=data.gen_prompt(tok, r["question"]),
-                 tokens=torch.randint(0, lm.config.vocab_size, (args.completion,), generator=g).tolist()) for r in recs]
-    inputs, mask = train.collate(seqs, tok.pad_token_id, "cpu")  # distinct prompts: one row each, no packing
+    seqs = [grpo.Completion(prompt_ids=data.gen_prompt(tok, r["question"]),
+                            tokens=torch.randint(0, lm.config.vocab_size, (args.completion,), generator=g).tolist())
+            for r in recs]
+    inputs, mask = grpo.collate(seqs, tok.pad_token_id, "cpu")  # distinct prompts: one row each, no packing
     adv = torch.randn(len(seqs), generator=g)
-    plens = [len(s["prompt_ids"]) for s in seqs]
+    plens = [len(s.prompt_ids) for s in seqs]
     tokens = sum(plens) + len(seqs) * args.completion
     flops = model_flops(lm, plens, args.completion)
 
     def fwd_bwd(bf16):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logp, _ = policy(**inputs)
-            loss, _ = train.grpo_loss(logp, logp.detach(), None, adv, mask)  # token-mean, ratio 1 (fresh samples)
+            loss, _ = grpo.grpo_loss(logp, logp.detach(), None, adv, mask)  # token-mean, ratio 1 (fresh samples)
         loss.backward()
 
     def opt_step():
@@ -141,12 +145,12 @@ def throughput(args):
             opt_s.append(time.perf_counter() - t)
             print(f"[throughput] run {r + 1}/{args.runs} {k}: fwd+bwd {times[k][-1]:.2f} s "
                   f"({tokens / times[k][-1]:.0f} tok/s), optimizer {opt_s[-1]:.2f} s", file=sys.stderr, flush=True)
-    D, I = lm.config.hidden_size, lm.config.intermediate_size
+    D, d_ff = lm.config.hidden_size, lm.config.intermediate_size
     res = dict(batch=len(seqs), prompt_tokens_mean=round(sum(plens) / len(plens), 1), completion_tokens=args.completion,
                tokens=tokens, model_tflop=round(flops / 1e12, 3), optimizer_s=stats(opt_s, 3))
     for k, bf16 in names.items():
         dtype = torch.bfloat16 if bf16 else torch.float32
-        peak = gemm_peak(tokens, D, I, dtype)
+        peak = gemm_peak(tokens, D, d_ff, dtype)
         med = statistics.median(times[k])
         res[f"fwd_bwd_s_{k}"] = stats(times[k], 3)
         res[f"tokens_per_s_{k}"] = stats([tokens / t for t in times[k]], 0)
@@ -184,7 +188,8 @@ def phases(args):
     return dict(phase_model=model, phase_steps=len(rows),
                 phase_first_step={k: round(rows[0].get(k, 0.0), 2) for k in keys},
                 phase_s={k: stats([r.get(k, 0.0) for r in later]) for k in keys},  # steps after the first
-                phase_critiques=[sum(x["kind"] == "critique" and x["step"] == r["step"] for x in samples) for r in rows],
+                phase_critiques=[sum(x["kind"] == "critique" and x["step"] == r["step"] for x in samples)
+                                 for r in rows],
                 phase_reward_response=[round(r["reward/response"], 3) for r in rows],
                 phase_len_response=[round(r["len/response"], 1) for r in rows],
                 phase_len_critique=[round(r.get("len/critique", 0.0), 1) for r in rows],
@@ -201,6 +206,10 @@ DEMO_GC = ["--mode", "gc", "--data", "arith:1", "--limit", "256", "--seed", "0",
            "--grad-accum", "4", "--log-every", "0"]  # the demo's GC-RL step (Makefile CPU_TRAIN)
 
 
+def mean_of(xs, nd=1):
+    return round(statistics.mean(xs or [0]), nd)
+
+
 def packing(args):
     """Record a real GC-RL step of the demo's shapes (the fullest of the first 3 steps from the cold start), then
     time the trainer's update on exactly those sequences with --share-prompts true and false, each in its own
@@ -214,35 +223,36 @@ def packing(args):
     if args.quick:
         argv += ["--max-completion-length", "48", "--max-critique-length", "48"]
     print("[packing] recording: train.py " + " ".join(argv), file=sys.stderr, flush=True)
-    tr = train.Trainer(train.build_parser().parse_args(argv))
+    tr = train.Trainer(config.build_parser().parse_args(argv))
     best, real_update = None, tr.update
     for _ in range(3):
         got = {}
         tr.update = lambda seqs, m: (got.setdefault("seqs", seqs), real_update(seqs, m))
-        m = tr.rl_step().reduce(tr.acc)
+        m = tr.rl_step().reduce(tr.runtime.accelerator)
         tr.step += 1
         rollout_s = sum(m.get(k, 0.0) for k in ("time/rollout1", "time/rollout2", "time/score"))
         if best is None or m.get("update/seqs", 0) > best[3]:  # the most sequences in the loss
             best = (got["seqs"], rollout_s, tr.step, m.get("update/seqs", 0))
     seqs, rollout_s, step, trained = best
     PACK_OUT.mkdir(parents=True, exist_ok=True)
-    keep = ("prompt_ids", "tokens", "logprobs", "reward", "group", "truncated", "kind", "length")
-    (PACK_OUT / "seqs.json").write_text(json.dumps([{k: s[k] for k in keep} for s in seqs]))
+    keep = ("prompt_ids", "tokens", "logprobs", "reward", "truncated", "kind", "source", "label")
+    (PACK_OUT / "seqs.json").write_text(json.dumps([{k: getattr(s, k) for k in keep} for s in seqs]))
     del tr
     runs = {"true": [], "false": []}
     for share in ("true", "false", "false", "true")[:2 if args.quick else 4]:
         cmd = [sys.executable, __file__, "--packing-worker", json.dumps(argv + ["--share-prompts", share]),
                "--pack-updates", str(1 if args.quick else args.pack_updates)]
-        res = json.loads(subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True).stdout.splitlines()[-1])
+        proc = subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True)
+        res = json.loads(proc.stdout.splitlines()[-1])
         print(f"[packing] share-prompts {share}: update {res['update_s']} s, {res['tokens']} tokens, "
               f"peak {res['peak_rss_mib']} MiB", file=sys.stderr, flush=True)
         runs[share].append(res)
     out = dict(pack_model=model, pack_step=step, pack_seqs=len(seqs), pack_seqs_trained=trained,
-               pack_responses=sum(s["kind"] == "response" for s in seqs),
-               pack_critiques=sum(s["kind"] == "critique" for s in seqs),
-               pack_prompt_tokens_mean={k: round(statistics.mean([len(s["prompt_ids"]) for s in seqs if s["kind"] == k] or [0]), 1)
+               pack_responses=sum(s.kind == "response" for s in seqs),
+               pack_critiques=sum(s.kind == "critique" for s in seqs),
+               pack_prompt_tokens_mean={k: mean_of([len(s.prompt_ids) for s in seqs if s.kind == k])
                                         for k in ("response", "critique")},
-               pack_completion_tokens_mean={k: round(statistics.mean([s["length"] for s in seqs if s["kind"] == k] or [0]), 1)
+               pack_completion_tokens_mean={k: mean_of([s.length for s in seqs if s.kind == k])
                                             for k in ("response", "critique")},
                pack_rollout_s=round(rollout_s, 2))
     for share, rs in runs.items():
@@ -259,13 +269,12 @@ def packing(args):
 
 def packing_worker(argv, n):
     """One --share-prompts setting: the update on the recorded sequences, once to warm up, then n times timed."""
-    tr = train.Trainer(train.build_parser().parse_args(argv))
-    seqs = json.loads((PACK_OUT / "seqs.json").read_text())
-    for s in seqs:
-        s["group"] = tuple(s["group"])
+    tr = train.Trainer(config.build_parser().parse_args(argv))
+    recorded = json.loads((PACK_OUT / "seqs.json").read_text())
     times, tokens = [], None
     for i in range(n + 1):
-        m = train.Metrics()
+        seqs = [grpo.Completion(**s) for s in recorded]  # fresh records: the update sets their group and advantage
+        m = runtime.Metrics()
         t = time.perf_counter()
         tr.update(seqs, m)
         dt = time.perf_counter() - t

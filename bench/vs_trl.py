@@ -8,8 +8,8 @@
 
 The work, identical for both: SmolLM2-135M-Instruct after a short SFT cold start (`cold_start`, built once into
 runs/bench/cold: the base model scores ~0 on arith, so GRPO would see no signal and, in gcrl, skip the update),
-the `arith` task (`--data`), the same questions in the same order (gcrl's data stream for --seed 0 and --limit 256, handed
-to TRL with shuffle_dataset=False), the same prompt (data.PROMPT_STYLES["plain"] as one user turn of the chat
+the `arith` task (`--data`), the same questions in the same order (gcrl's data stream for --seed 0 and --limit 256,
+handed to TRL with shuffle_dataset=False), the same prompt (data.PROMPT_STYLES["plain"] as one user turn of the chat
 template), 4 questions x 4 generations per step, max 128 new tokens, temperature 1, no top-p / top-k, reward
 reward.response_reward, advantages (r - mean) / (std + 1e-4) per group, the clipped loss (epsilon 0.2) with
 token-mean over the batch (TRL loss_type="dapo"), beta 0 (no reference model), one update per rollout,
@@ -39,8 +39,10 @@ sys.path[0:0] = [str(ROOT)]
 import torch  # noqa: E402
 
 import data  # noqa: E402
+import models  # noqa: E402
 import reward  # noqa: E402
 import rollout  # noqa: E402
+import runtime  # noqa: E402
 import train  # noqa: E402
 from common import peak_mib, stats  # noqa: E402  (bench/common.py)
 
@@ -68,7 +70,7 @@ def cold_start(quick=False):
 def questions(steps, spec):
     """The questions gcrl --mode g draws from `spec` (seed 0, --limit LIMIT), in its order: 4 per step."""
     recs = data.load_data(spec, split="train", limit=LIMIT, seed=0)
-    stream = train.Stream(len(recs), train.seed_for(0, "data"))
+    stream = runtime.Stream(len(recs), runtime.seed_for(0, "data"))
     return [recs[i] for i in stream.take(4 * steps)]
 
 
@@ -138,7 +140,7 @@ def worker(a):
 
 def greedy_acc(model_path, recs, max_new):
     """Greedy accuracy on recs with the gcrl Sampler (the same judge for both tools' final models)."""
-    model, tok = rollout.load_policy(model_path)
+    model, tok = models.load_policy(model_path)
     outs = rollout.first_order_rollout(rollout.Sampler(model, max_batch=64, max_len=512), tok, recs, 1,
                                        max_new_tokens=max_new, temperature=0.0, seed=0)
     return sum(reward.response_reward(o["text"], recs[o["q_index"]]["answer"]) for o in outs) / len(outs)
@@ -149,7 +151,8 @@ def summary(runs):
     steps = [s for r in runs for s in r["step_s"][1:]] or [s for r in runs for s in r["step_s"]]
     tps = [n / s for r in runs for n, s in list(zip(r["tokens"], r["step_s"]))[1:]]
     return dict(step_s=stats(steps), gen_tokens_per_s=stats(tps or [0.0], 1),
-                len_completion=round(sum(t for r in runs for t in r["tokens"]) / (16 * sum(len(r["tokens"]) for r in runs)), 1),
+                len_completion=round(sum(t for r in runs for t in r["tokens"])
+                                     / (16 * sum(len(r["tokens"]) for r in runs)), 1),
                 first_step_s=[round(r["step_s"][0], 2) for r in runs],
                 reward=[[round(x, 3) for x in r["reward"]] for r in runs],
                 eval_acc=[r.get("eval_acc") for r in runs], peak_rss_mib=max(r["peak_rss_mib"] for r in runs),
@@ -190,8 +193,8 @@ def main():
         runs = {t: [] for t in tools}
         for rep in range(a.repeats):
             for tool in (tools if rep % 2 == 0 else tools[::-1]):
-                cmd = [sys.executable, __file__, "--worker", tool, "--dtype", dtype, "--rep", str(rep), "--start", start,
-                       "--steps", str(a.steps), "--lr", str(a.lr), "--max-new", str(a.max_new), "--data", a.data]
+                cmd = [sys.executable, __file__, "--worker", tool, "--dtype", dtype, "--rep", str(rep), "--start",
+                       start, "--steps", str(a.steps), "--lr", str(a.lr), "--max-new", str(a.max_new), "--data", a.data]
                 print(f"[vs_trl] {tool} {dtype} run {rep + 1}/{a.repeats} (load {os.getloadavg()[0]:.2f})",
                       file=sys.stderr, flush=True)
                 subprocess.run(cmd, check=True, cwd=ROOT)
@@ -205,7 +208,8 @@ def main():
         for tool in tools:
             res[f"{tool}_{dtype}"] = summary(runs[tool])
         if {"gcrl", "trl"} <= set(tools):
-            res[f"ratio_{dtype}"] = round(res[f"gcrl_{dtype}"]["step_s"]["median"] / res[f"trl_{dtype}"]["step_s"]["median"], 3)
+            gcrl_s, trl_s = res[f"gcrl_{dtype}"]["step_s"]["median"], res[f"trl_{dtype}"]["step_s"]["median"]
+            res[f"ratio_{dtype}"] = round(gcrl_s / trl_s, 3)
     res["load_avg_end"] = round(os.getloadavg()[0], 2)
     print(json.dumps(res))
 

@@ -182,17 +182,17 @@ def test_second_order_rollout_real_sampler(tokenizer):
     crits = critique.second_order_rollout(Sampler(model, max_len=512), tokenizer, pairs, m=3, k_ref=1,
                                           max_new_tokens=6, temperature=1.0, seed=0)
     assert len(crits) == 9
-    assert [c["group"] for c in crits] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert [c["pair_index"] for c in crits] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     for c in crits:
         p = pairs[c["pair_index"]]
-        assert c["group"] == c["pair_index"] and c["label"] == p["label"] and c["pair_id"] == p["id"]
+        assert c["label"] == p["label"] and c["pair_id"] == p["id"]
         assert c["prompt_ids"] == critique.critique_prompt(tokenizer, p["question"], p["response"])
         assert 1 <= c["length"] == len(c["tokens"]) == len(c["logprobs"]) <= 6
         assert c["text"] == tokenizer.decode(c["tokens"], skip_special_tokens=True)
         assert c["verdict"] == reward.extract_verdict(c["text"])
         base = reward.critique_reward(c["verdict"], p["label"])
         assert c["reward"] == pytest.approx(base + c["bonus"])
-        assert set(c) >= {"pair_index", "group", "prompt_ids", "tokens", "logprobs", "text", "verdict", "reward",
+        assert set(c) >= {"pair_index", "prompt_ids", "tokens", "logprobs", "text", "verdict", "reward",
                           "bonus", "truncated", "length", "label"}
     assert critique.second_order_rollout(None, tokenizer, [], m=3) == []
 

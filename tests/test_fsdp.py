@@ -6,12 +6,12 @@ accelerators: on CPU it builds the FSDP plugin from the launcher's environment, 
 run once per rank as the driver, does what AcceleratorState does on a GPU machine (distributed type FSDP in
 AcceleratorState and PartialState, the plugin kept); everything after that (fully_shard, clipping,
 get_state_dict, save_state, load_state) is Accelerate's own FSDP2 path, cpu-RAM-efficient loading included (the
-config's fsdp_cpu_ram_efficient_loading). The driver uses the real rollout.Sampler (through train.full_weights),
+config's fsdp_cpu_ram_efficient_loading). The driver uses the real rollout.Sampler (through runtime.full_weights),
 with rewards and verdicts from a hash of the sampled text, and saves each rank's final parameters, gathered, and
 its checkpoint reads (from_pretrained calls) to OUT/rank{R}.pt.
 
 DeepSpeed does not run here (no CUDA; its CPU backend needs oneCCL), and FSDP1 is not launched: their branches of
-train.full_weights are checked against stand-ins of the calls they make.
+runtime.full_weights are checked against stand-ins of the calls they make.
 """
 import contextlib
 import os
@@ -51,10 +51,12 @@ def force_fsdp_on_cpu():
 if __name__ == "__main__":  # the driver, one per rank
     sys.path.insert(0, str(ROOT))
     torch.set_num_threads(1)
-    import reward
-    import train
     from torch.distributed.fsdp import FSDPModule
     from transformers import AutoModelForCausalLM
+
+    import reward
+    import runtime
+    import train
 
     reward.response_reward = lambda text, gold, **kw: float(zlib.crc32(text.encode()) % 2)
     reward.extract_verdict = lambda text: ("right", "wrong")[zlib.crc32(text.encode()) % 3 % 2]
@@ -68,30 +70,34 @@ if __name__ == "__main__":  # the driver, one per rank
     loads = []  # from_pretrained calls: this rank's reads of the checkpoint
     load = AutoModelForCausalLM.from_pretrained
     AutoModelForCausalLM.from_pretrained = lambda *a, **kw: (loads.append(a), load(*a, **kw))[1]
-    save = train.Trainer.save
+    save = train.save
 
-    def save_and_dump(self, final=False):
-        ck = save(self, final)
+    def save_and_dump(trainer, final=False):
+        ck = save(trainer, final)
         if final:
-            n = len(unshards)
-            with train.full_weights(self.model, self.acc):  # (state_dict() would give FSDP2's shards: its hooks say so)
-                sd = {k: v.detach().clone() for k, v in self.lm().named_parameters(remove_duplicate=False)}
-            lm, plugin = self.lm(), getattr(self.acc.state, "fsdp_plugin", None)  # (DDP: none)
-            torch.save(dict(params=sd, sharding=self.sharding, unshards=n, loads=len(loads),
-                            units=sum(isinstance(m, FSDPModule) for m in self.model.modules()),
+            n, rt = len(unshards), trainer.runtime
+            with runtime.full_weights(trainer.model, rt.accelerator):  # (state_dict() would give FSDP2's shards)
+                sd = {k: v.detach().clone() for k, v in trainer.lm().named_parameters(remove_duplicate=False)}
+            lm, plugin = trainer.lm(), getattr(rt.accelerator.state, "fsdp_plugin", None)  # (DDP: none)
+            torch.save(dict(params=sd, sharding=rt.sharding, unshards=n, loads=len(loads),
+                            units=sum(isinstance(m, FSDPModule) for m in trainer.model.modules()),
                             ram_efficient=getattr(plugin, "cpu_ram_efficient_loading", None),
                             tied=lm.get_output_embeddings().weight is lm.get_input_embeddings().weight),
-                       self.out / f"rank{self.rank}.pt")
+                       trainer.out / f"rank{rt.rank}.pt")
         return ck
 
-    train.Trainer.save = save_and_dump
+    train.save = save_and_dump
     train.main(sys.argv[1:])
     sys.exit(0)
 
-import train  # noqa: E402
+import models  # noqa: E402
+import runtime  # noqa: E402
+import test_train  # noqa: E402
 from test_multiprocess import _free_port  # noqa: E402
 from test_train import base_args, metrics  # noqa: E402
-from test_train import one_thread, qspec, tiny_dir  # noqa: E402,F401  (fixtures)
+
+tiny_dir, qspec, one_thread = test_train.tiny_dir, test_train.qspec, test_train.one_thread  # fixtures
+
 
 def launch(out, argv, fsdp, config=FSDP2_CONFIG, **env_over):
     """2 CPU processes of this driver: FSDP2 from the repo's config file (or `config`), or DDP (--multi_gpu)."""
@@ -138,14 +144,14 @@ def runs(tiny_dir, qspec, tmp_path_factory):
 def test_fsdp2_matches_ddp(runs):
     """Same parameters (<= 1e-6), the same samples and the same metrics as DDP; the sampler gathered the
     weights once per step, each FSDP unit once (never per token or per layer call)."""
-    (fd, (f0, f1)), (dd, (d0, d1)) = runs["fsdp2"], runs["ddp"]
+    (fd, (f0, f1)), (dd, (d0, _)) = runs["fsdp2"], runs["ddp"]
     assert f0["sharding"] == "fsdp2" and d0["sharding"] is None
     assert f0["units"] == 3  # root (embeddings, norm, tied head) + one per decoder layer
     assert f0["unshards"] == 2 * f0["units"]  # 2 steps: one full_weights each
     for k in d0["params"]:
         assert torch.equal(f0["params"][k], f1["params"][k]), k  # FSDP2 ranks agree
         assert torch.allclose(f0["params"][k], d0["params"][k], rtol=0, atol=1e-6), k
-    start = train.rollout.load_policy(str(Path(fd) / "checkpoint-1" / "model"))[0].state_dict()
+    start = models.load_policy(str(Path(fd) / "checkpoint-1" / "model"))[0].state_dict()
     assert any(not torch.equal(start[k], f0["params"][k]) for k in start)  # step 2 moved the weights
     sf, sd = (Path(d) / "samples.jsonl" for d in (fd, dd))
     assert sf.read_text() == sd.read_text() and sf.read_text()
@@ -267,17 +273,17 @@ def test_full_weights_zero3_fsdp1_ddp_stand_ins(monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", fake_ds)
     monkeypatch.setattr(FullyShardedDataParallel, "summon_full_params", staticmethod(summon))
 
-    with train.full_weights(model, fake_accelerator(DistributedType.DEEPSPEED, zero_stage=3)):
+    with runtime.full_weights(model, fake_accelerator(DistributedType.DEEPSPEED, zero_stage=3)):
         calls.append("body")
     assert calls == [("zero3 enter", [id(model.weight), id(model.bias)], None), "body", ("zero3 exit",)]
     calls.clear()
-    with train.full_weights(model, fake_accelerator(DistributedType.FSDP)):
+    with runtime.full_weights(model, fake_accelerator(DistributedType.FSDP)):
         calls.append("body")
     assert calls == [("fsdp1 enter", model, False), "body", ("fsdp1 exit",)]
     calls.clear()
     for acc in (fake_accelerator(DistributedType.MULTI_GPU), fake_accelerator(DistributedType.NO),
                 fake_accelerator(DistributedType.DEEPSPEED, zero_stage=2)):
-        assert train.sharding(acc) is None
-        with train.full_weights(model, acc):
+        assert runtime.sharding(acc) is None
+        with runtime.full_weights(model, acc):
             calls.append("body")
     assert calls == ["body"] * 3

@@ -27,21 +27,23 @@ if __name__ == "__main__":  # the driver, one per rank
     if os.environ.get("GCRL_TEST_EMPTY_RANK") == os.environ.get("RANK"):  # this rank: every response wrong
         import reward
         reward.response_reward = lambda text, gold, **kw: 0.0
-    save = train.Trainer.save
+    save = train.save
 
-    def save_and_dump(self, final=False):
-        ck = save(self, final)
+    def save_and_dump(trainer, final=False):
+        ck = save(trainer, final)
         if final:
-            torch.save(self.lm().state_dict(), self.out / f"rank{self.rank}.pt")
+            torch.save(trainer.lm().state_dict(), trainer.out / f"rank{trainer.runtime.rank}.pt")
         return ck
 
-    train.Trainer.save = save_and_dump
+    train.save = save_and_dump
     train.main(sys.argv[1:])
     sys.exit(0)
 
+import test_train  # noqa: E402
 import train  # noqa: E402
 from test_train import base_args, install_scripted, metrics  # noqa: E402
-from test_train import one_thread, qspec, tiny_dir  # noqa: E402,F401  (fixtures)
+
+tiny_dir, qspec, one_thread = test_train.tiny_dir, test_train.qspec, test_train.one_thread  # fixtures
 
 
 def _free_port():

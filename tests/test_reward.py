@@ -6,10 +6,19 @@ import threading
 import time
 
 import pytest
-from conftest import SHARED
 
-from reward import (CRITIQUE_REWARDS, balance, critique_reward, denoise_bonus, extract_answer, extract_verdict,
-                    is_correct, normalize_answer, response_reward)
+from conftest import SHARED
+from reward import (
+    CRITIQUE_REWARDS,
+    balance,
+    critique_reward,
+    denoise_bonus,
+    extract_answer,
+    extract_verdict,
+    is_correct,
+    normalize_answer,
+    response_reward,
+)
 
 GSM8K_SOLUTIONS = SHARED / "model_solutions_dev.jsonl"
 

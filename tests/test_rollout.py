@@ -547,7 +547,7 @@ def test_gguf_conversion_round_trip(converted):
 
 def test_first_order_rollout_uses_the_prompt_style(tokenizer):
     import data
-    from conftest import make_model, sampler_logits
+    from conftest import make_model
     from rollout import first_order_rollout
     s = Sampler(make_model(vocab_size=len(tokenizer)))
     recs = data.load_data("arith:1", limit=2)

@@ -24,9 +24,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import config
 import critique
+import data
+import grpo
 import reward
 import rollout
+import runtime
 import train
 from conftest import make_model, make_tokenizer
 
@@ -139,23 +143,23 @@ def params(path):
 # ----------------------------------------------------------------------------- advantages and loss, by hand
 
 def test_advantages_per_group_hand_values():
-    adv, zero = train.grpo_advantages([1, 0, 0, 1, 0.7, 0.7, 0.7, 0.7, 0.0], list("aaaabbbbc"))
+    adv, zero = grpo.grpo_advantages([1, 0, 0, 1, 0.7, 0.7, 0.7, 0.7, 0.0], list("aaaabbbbc"))
     std = math.sqrt(4 * 0.25 / 3)  # unbiased std of [1, 0, 0, 1]
     a = 0.5 / (std + 1e-4)
     assert torch.allclose(adv, torch.tensor([a, -a, -a, a, 0, 0, 0, 0, 0]), atol=1e-6)
     assert zero.tolist() == [False] * 4 + [True] * 5  # b: all equal, c: one sample
-    adv, _ = train.grpo_advantages([1, 0, 0, 1, 0.7, 0.0], list("aaaabb"), scale=False)  # Dr. GRPO: no std
+    adv, _ = grpo.grpo_advantages([1, 0, 0, 1, 0.7, 0.0], list("aaaabb"), scale=False)  # Dr. GRPO: no std
     assert torch.allclose(adv, torch.tensor([0.5, -0.5, -0.5, 0.5, 0.35, -0.35]), atol=1e-6)
 
 
 def test_advantages_shared_group():
     # --group-mode shared: responses (0/1) and critiques (0 / 0.7) in one normalisation group
     r = [1.0, 0.0, 0.7, 0.0]
-    adv, zero = train.grpo_advantages(r, [0] * 4)
+    adv, zero = grpo.grpo_advantages(r, [0] * 4)
     t = torch.tensor(r, dtype=torch.float64)
     assert torch.allclose(adv, ((t - t.mean()) / (t.std() + 1e-4)).float(), atol=1e-6)
     assert not zero.any()
-    assert train.grpo_advantages([0.7, 0.7], [0, 0])[1].all()
+    assert grpo.grpo_advantages([0.7, 0.7], [0, 0])[1].all()
 
 
 def _loss_example():
@@ -170,20 +174,20 @@ def test_grpo_loss_hand_values():
     # per token: row 0: ratio 2, A=+1 -> clipped at 1.28 -> -1.28; ratio 1 -> -1
     #            row 1: ratio .5, A=-1 -> clipped at .8 -> +0.8; (masked: ratio 1 -> +1)
     kw = dict(epsilon=0.2, epsilon_high=0.28)
-    loss, st = train.grpo_loss(logp, old, None, adv, mask, loss_type="token-mean", **kw)
+    loss, st = grpo.grpo_loss(logp, old, None, adv, mask, loss_type="token-mean", **kw)
     assert loss.item() == pytest.approx((-1.28 - 1 + 0.8) / 3, abs=1e-6)
     assert st == dict(tokens=3.0, clipped=2.0, kl=0.0)
     loss.backward()  # clipped tokens carry no gradient; the unclipped one: d(-rho*A/3)/dlogp = -1/3
     assert torch.allclose(logp.grad, torch.tensor([[0.0, -1 / 3], [0.0, 0.0]]), atol=1e-6)
-    loss, _ = train.grpo_loss(logp, old, None, adv, mask, loss_type="seq-mean", **kw)
+    loss, _ = grpo.grpo_loss(logp, old, None, adv, mask, loss_type="seq-mean", **kw)
     assert loss.item() == pytest.approx(((-1.28 - 1) / 2 + 0.8) / 2, abs=1e-6)
-    loss, _ = train.grpo_loss(logp, old, None, adv, mask, loss_type="dr-grpo", max_completion_length=4, **kw)
+    loss, _ = grpo.grpo_loss(logp, old, None, adv, mask, loss_type="dr-grpo", max_completion_length=4, **kw)
     assert loss.item() == pytest.approx((-1.28 - 1 + 0.8) / (2 * 4), abs=1e-6)
     # symmetric clip (epsilon_high defaults to epsilon): row 0 clips at 1.2
-    loss, _ = train.grpo_loss(logp, old, None, adv, mask, epsilon=0.2)
+    loss, _ = grpo.grpo_loss(logp, old, None, adv, mask, epsilon=0.2)
     assert loss.item() == pytest.approx((-1.2 - 1 + 0.8) / 3, abs=1e-6)
     with pytest.raises(ValueError, match="max_completion_length"):
-        train.grpo_loss(logp, old, None, adv, mask, loss_type="dr-grpo")
+        grpo.grpo_loss(logp, old, None, adv, mask, loss_type="dr-grpo")
 
 
 def test_grpo_loss_kl_k3():
@@ -192,14 +196,14 @@ def test_grpo_loss_kl_k3():
     ref = logp.detach() + d
     k3 = torch.exp(d) - d - 1
     assert k3[0, 0].item() == pytest.approx(math.exp(0.5) - 1.5, abs=1e-7)
-    base, _ = train.grpo_loss(logp, old, None, adv, mask, epsilon_high=0.28)
-    loss, st = train.grpo_loss(logp, old, ref, adv, mask, epsilon_high=0.28, beta=0.1)
+    base, _ = grpo.grpo_loss(logp, old, None, adv, mask, epsilon_high=0.28)
+    loss, st = grpo.grpo_loss(logp, old, ref, adv, mask, epsilon_high=0.28, beta=0.1)
     kl_sum = float(k3[0, 0] + k3[0, 1] + k3[1, 0])
     assert st["kl"] == pytest.approx(kl_sum, abs=1e-6)
     assert loss.item() == pytest.approx(base.item() + 0.1 * kl_sum / 3, abs=1e-6)
 
 
-@pytest.mark.parametrize("loss_type", train.LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
 def test_grpo_loss_pieces_sum_to_whole(loss_type):
     """Micro-batches and ranks pass the global normalisers: the pieces' losses add up to the whole."""
     g = torch.Generator().manual_seed(0)
@@ -207,9 +211,9 @@ def test_grpo_loss_pieces_sum_to_whole(loss_type):
     adv = torch.randn(5, generator=g)
     mask = (torch.arange(7)[None] < torch.tensor([7, 3, 5, 1, 6])[:, None]).float()
     kw = dict(loss_type=loss_type, max_completion_length=7, beta=0.05, ref_logp=old * 0.9)
-    whole, _ = train.grpo_loss(logp, old, adv=adv, mask=mask, **kw)
+    whole, _ = grpo.grpo_loss(logp, old, adv=adv, mask=mask, **kw)
     n_tok, n_seq = mask.sum(), 5
-    parts = [train.grpo_loss(logp[s], old[s], adv=adv[s], mask=mask[s], num_tokens=n_tok, num_seqs=n_seq,
+    parts = [grpo.grpo_loss(logp[s], old[s], adv=adv[s], mask=mask[s], num_tokens=n_tok, num_seqs=n_seq,
                              **dict(kw, ref_logp=kw["ref_logp"][s]))[0] for s in (slice(0, 2), slice(2, 5))]
     assert sum(parts).item() == pytest.approx(whole.item(), abs=1e-6)
 
@@ -219,24 +223,24 @@ def test_trainer_logprobs_match_sampler(tokenizer, tiny_model):
     prompts = [tokenizer("What is 2 + 2?")["input_ids"], tokenizer("Hi")["input_ids"]]
     outs = rollout.Sampler(tiny_model, max_len=128).generate(prompts, n=2, max_new_tokens=12, temperature=0.7,
                                                              seed=3, stop_ids=[tokenizer.eos_token_id])
-    seqs = [dict(prompt_ids=prompts[o["prompt_index"]], tokens=o["tokens"]) for o in outs]
+    seqs = [grpo.Completion(prompt_ids=prompts[o["prompt_index"]], tokens=o["tokens"]) for o in outs]
     for share in (False, True):  # one row per sequence, and each prompt once with its 2 completions
-        inputs, mask = train.collate(seqs, tokenizer.pad_token_id, "cpu", share=share)
+        inputs, mask = grpo.collate(seqs, tokenizer.pad_token_id, "cpu", share=share)
         assert inputs["input_ids"].shape[0] == (2 if share else 4)
         with torch.no_grad():
-            logp, ent = train.Policy(tiny_model)(**inputs, temperature=0.7)
+            logp, ent = grpo.Policy(tiny_model)(**inputs, temperature=0.7)
         for r, o in enumerate(outs):
             assert torch.allclose(logp[r, :o["length"]], torch.tensor(o["logprobs"]), atol=1e-4)
         assert bool((ent[mask > 0] > 0).all())
 
 
 def test_stream_is_a_seeded_permutation_per_epoch():
-    s = train.Stream(5, seed=1)
+    s = runtime.Stream(5, seed=1)
     first = s.take(3) + s.take(2)
     assert sorted(first) == list(range(5)) and s.state() == dict(epoch=1, pos=0, n=5)
     nxt = s.take(7)  # epoch 1 in full, then 2 of epoch 2
     assert sorted(nxt[:5]) == list(range(5)) and s.state() == dict(epoch=2, pos=2, n=5)
-    again = train.Stream(5, seed=1, epoch=1, pos=0)
+    again = runtime.Stream(5, seed=1, epoch=1, pos=0)
     assert again.take(5) == nxt[:5]
 
 
@@ -423,23 +427,22 @@ def test_mask_truncated(monkeypatch, tiny_dir, qspec, tmp_path):
 def test_bad_inputs_name_the_flag(tiny_dir, qspec, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q", "critique": "c"}) + "\n")
-    with pytest.raises(train.data.DataError, match="row 1.*'response'"):
+    with pytest.raises(data.DataError, match="row 1.*'response'"):
         train.main(["--mode", "sft", "--model", tiny_dir, "--data", f"jsonl:{bad}", "--out", str(tmp_path / "s")])
-    with pytest.raises(train.ConfigError, match="--static-pairs"):
+    with pytest.raises(config.ConfigError, match="--static-pairs"):
         train.main(base_args(tiny_dir, qspec, tmp_path / "g", **{"--mode": "g", "--static-pairs": str(bad)}))
-    with pytest.raises(train.ConfigError, match="--num-generations"):
+    with pytest.raises(config.ConfigError, match="--num-generations"):
         train.main(base_args(tiny_dir, qspec, tmp_path / "g", **{"--num-generations": 1}))
-    with pytest.raises(train.ConfigError, match="--resume"):
+    with pytest.raises(config.ConfigError, match="--resume"):
         train.main(base_args(tiny_dir, qspec, tmp_path / "g", **{"--resume": str(tmp_path)}))
-    fake = SimpleNamespace(args=SimpleNamespace(questions_per_step=3, pairs_per_step=4, mode="gc", pairs=None,
-                                                pair_filter="balance", prompt_style="plain"), world=2)
-    with pytest.raises(train.ConfigError, match=r"--questions-per-step 3 .*processes \(2\)"):
-        train.Trainer._validate(fake)
-    fake.args.questions_per_step, fake.args.pairs_per_step = 4, 3
-    with pytest.raises(train.ConfigError, match="--pairs-per-step"):
-        train.Trainer._validate(fake)
+    args = config.build_parser().parse_args(["--questions-per-step", "3", "--pairs-per-step", "4"])
+    with pytest.raises(config.ConfigError, match=r"--questions-per-step 3 .*processes \(2\)"):
+        config.plan(args, world=2)
+    args.questions_per_step, args.pairs_per_step = 4, 3
+    with pytest.raises(config.ConfigError, match="--pairs-per-step"):
+        config.plan(args, world=2)
     # --mode c with no pairs: the random model's static rollout has no mixed question
-    with pytest.raises(train.ConfigError, match="--mode c: no critique pairs.*--static-pairs"):
+    with pytest.raises(config.ConfigError, match="--mode c: no critique pairs.*--static-pairs"):
         train.main(base_args(tiny_dir, qspec, tmp_path / "c", **{"--mode": "c", "--static-k": 2,
                                                                  "--static-questions": 2,
                                                                  "--max-completion-length": 4}))
@@ -482,7 +485,7 @@ def test_sigterm_saves_a_loadable_checkpoint(tiny_dir, qspec, tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 0, log
-    cks = train._checkpoints(out)
+    cks = runtime.checkpoints(out)
     assert len(cks) == 1 and "stopped by SIGTERM" in log and str(cks[0]) in log
     step = int(cks[0].name.split("-")[1])
     state = json.loads((cks[0] / "trainer_state.json").read_text())
@@ -594,7 +597,7 @@ def test_ablation_flags_refuse_what_they_do_not_mean(tiny_dir, qspec, tmp_path):
     for over, msg in (({"--mode": "g", "--pairs": "static"}, "--pairs static is for --mode gc / c"),
                       ({"--mode": "c", "--pair-filter": "random"}, "--pair-filter random filters the dynamic"),
                       ({"--mode": "gc", "--static-pairs": "x.jsonl"}, "--static-pairs is for static pairs only")):
-        with pytest.raises(train.ConfigError, match=msg):
+        with pytest.raises(config.ConfigError, match=msg):
             train.main(base_args(tiny_dir, qspec, tmp_path / "bad", **over))
 
 
@@ -604,9 +607,10 @@ def test_training_critic_metrics_are_evals():
     import reward
     verdicts = ["right", "right", "wrong", None, "wrong", "right", None, "wrong"]
     labels = [True, False, False, True, True, True, False, False]
-    crits = [dict(verdict=v, label=y, reward=0.0, length=1, truncated=False) for v, y in zip(verdicts, labels)]
-    m = train.Metrics()
-    train.Trainer._critique_metrics(m, crits)
+    crits = [grpo.Completion(prompt_ids=[1], tokens=[2], kind="critique", verdict=v, label=y)
+             for v, y in zip(verdicts, labels)]
+    m = runtime.Metrics()
+    train.completion_metrics(m, "critique", crits)
     got = m.reduce(SimpleNamespace(num_processes=1))
     want = reward.classification_metrics(verdicts, labels)
     assert got["acc/critique"] == want["accuracy"] == 4 / 8  # tp 2 (rows 0, 5), tn 2 (rows 2, 7)
@@ -620,9 +624,9 @@ def test_resume_cuts_metrics_back_to_the_checkpoint(tmp_path):
     """A run killed after step 3 with checkpoint-2: the resumed run rewrites steps 3+ (and drops a cut-short line)."""
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps(dict(step=s, loss=0.1 * s)) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo')
-    train._truncate_jsonl(path, 2)
+    runtime.truncate_jsonl(path, 2)
     assert [json.loads(x) for x in path.read_text().splitlines()] == [dict(step=1, loss=0.1), dict(step=2, loss=0.2)]
-    train._truncate_jsonl(tmp_path / "absent.jsonl", 2)  # nothing to cut: no file appears
+    runtime.truncate_jsonl(tmp_path / "absent.jsonl", 2)  # nothing to cut: no file appears
     assert not (tmp_path / "absent.jsonl").exists()
 
 

@@ -27,6 +27,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[0:0] = [str(ROOT), str(ROOT / "tests")]
 
+import config  # noqa: E402
+import grpo  # noqa: E402
 import rollout  # noqa: E402
 import train  # noqa: E402
 from test_train import ScriptedSampler  # noqa: E402
@@ -77,10 +79,12 @@ if __name__ == "__main__":  # the driver, one per rank
     torch.save(RecordingSampler.EVENTS, Path(out) / f"events{os.environ.get('RANK', '0')}.pt")
     sys.exit(0)
 
+import test_train  # noqa: E402
 from conftest import make_tokenizer  # noqa: E402
 from test_multiprocess import _free_port  # noqa: E402
 from test_train import base_args, metrics, write_questions  # noqa: E402
-from test_train import one_thread, tiny_dir  # noqa: E402,F401  (fixtures)
+
+tiny_dir, one_thread = test_train.tiny_dir, test_train.one_thread  # fixtures
 
 TOK = make_tokenizer()
 
@@ -219,7 +223,7 @@ def expected_update(model_dir, params, batch, old_params, ref_params, args):
         ref = seq_logprobs(load_params(model_dir, ref_params), batch)[0] if args["beta"] else None
     logp, mask = seq_logprobs(model, batch)
     adv = torch.tensor([c["adv"] for c in batch])
-    loss, _ = train.grpo_loss(logp, old, ref, adv, mask, args["epsilon"], None, args["beta"], args["loss_type"],
+    loss, _ = grpo.grpo_loss(logp, old, ref, adv, mask, args["epsilon"], None, args["beta"], args["loss_type"],
                               max(args["max_completion_length"], args["max_critique_length"]))
     loss.backward()
     return float(loss.detach()), [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
@@ -281,7 +285,7 @@ GRPO = {"--mode": "gc", "--num-generations": 3, "--critiques-per-pair": 3, "--ma
 
 
 def grpo_args(argv):
-    a = train.build_parser().parse_args(argv)
+    a = config.build_parser().parse_args(argv)
     return dict(mode=a.mode, critique_reward=a.critique_reward, denoise=a.denoise, group_mode=a.group_mode,
                 scale_rewards=a.scale_rewards, beta=a.beta, epsilon=a.epsilon, loss_type=a.loss_type,
                 max_completion_length=a.max_completion_length, max_critique_length=a.max_critique_length,
@@ -328,8 +332,10 @@ def test_critique_rewards_fed_to_the_loss(monkeypatch, tiny_dir, qspec, tmp_path
 
 # ----------------------------------------------------------------------------- SFT
 
-SFT_ROWS = [dict(question="What is 3 + 4?", response="3 + 4 = 7. \\boxed{7}", critique="Fine.\nConclusion: right [END]"),
-            dict(question="What is 3 + 4?", response="3 + 4 = 8. \\boxed{8}", critique="No.\nConclusion: wrong [END]"),
+SFT_ROWS = [dict(question="What is 3 + 4?", response="3 + 4 = 7. \\boxed{7}",
+                 critique="Fine.\nConclusion: right [END]"),
+            dict(question="What is 3 + 4?", response="3 + 4 = 8. \\boxed{8}",
+                 critique="No.\nConclusion: wrong [END]"),
             dict(question="What is 2 + 5?", response="2 + 5 = 7. \\boxed{7}"),
             dict(question="What is 1 + 1?", response="2. \\boxed{2}")]
 
@@ -393,9 +399,9 @@ def test_two_processes_grpo_is_the_equations(monkeypatch, tiny_dir, qspec, tmp_p
 
 def test_two_processes_seq_mean_and_sft(monkeypatch, tiny_dir, qspec, tmp_path):
     """seq-mean (global sequence count) unpacked over 2 ranks, and SFT over 2 ranks (global token count)."""
-    argv = base_args(tiny_dir, qspec, tmp_path / "run", **GRPO, **{"--questions-per-step": 4, "--pairs-per-step": 4,
-                                                                   "--loss-type": "seq-mean", "--share-prompts": "false",
-                                                                   "--grad-accum": 3})
+    over = {"--questions-per-step": 4, "--pairs-per-step": 4, "--loss-type": "seq-mean", "--share-prompts": "false",
+            "--grad-accum": 3}
+    argv = base_args(tiny_dir, qspec, tmp_path / "run", **GRPO, **over)
     ranks, rows = run(tmp_path, argv, monkeypatch, processes=2)
     assert check_grpo(tiny_dir, ranks, rows, grpo_args(argv)) < 1e-4
     ranks, rows = run(tmp_path, sft_argv(tiny_dir, tmp_path, **{"--grad-accum": 2}), monkeypatch, processes=2)
@@ -405,7 +411,7 @@ def test_two_processes_seq_mean_and_sft(monkeypatch, tiny_dir, qspec, tmp_path):
 # ----------------------------------------------------------------------------- the check has teeth
 
 def _mutated(kind):
-    real = train.grpo_advantages
+    real = grpo.grpo_advantages
 
     def wrong(rewards, groups, *args, **kw):
         adv, zero = real(rewards, groups, *args, **kw)
@@ -421,7 +427,7 @@ def _mutated(kind):
 
 @pytest.mark.parametrize("kind", ["sign", "position"])
 def test_the_check_catches_a_wrong_advantage(monkeypatch, tiny_dir, qspec, tmp_path, kind):
-    monkeypatch.setattr(train, "grpo_advantages", _mutated(kind))
+    monkeypatch.setattr(grpo, "grpo_advantages", _mutated(kind))
     argv = base_args(tiny_dir, qspec, tmp_path / "run", **GRPO)
     ranks, rows = run(tmp_path, argv, monkeypatch)
     with pytest.raises(AssertionError):
