@@ -46,7 +46,8 @@ demo: setup  ## the main job: base -> cold start -> GC-RL, before/after table (r
 	$(BIN)/python experiment.py $(DEMO) --methods gc --seeds 0 --with-base --rl-steps $(DEMO_STEPS) --limit 32 \
 	  --critique-questions 32 --k-ref 0 $(CPU_RUN) $(CPU_TRAIN)
 
-test: setup  ## the test suite: CPU, offline
+test: setup  ## ruff (ruff.toml: 120 columns), then the test suite: CPU, offline
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 bench: setup  ## benchmarks; each prints a JSON line last
