@@ -253,8 +253,8 @@ def _gsm8k_solutions(path, seed=0, limit=None):
     for i, row in enumerate(read_jsonl(path, "gsm8k-solutions"), 1):
         where = f"{path} row {i}"
         require_field(row, "question", where)
-        m = re.search(r"(?:^|\n)\s*A:\s*(.+?)\s*$", str(row.get("ground_truth", "")))
-        if not m:
+        match = re.search(r"(?:^|\n)\s*A:\s*(.+?)\s*$", str(row.get("ground_truth", "")))
+        if not match:
             raise DataError(f"{where}: 'ground_truth' does not end with an 'A: x' line")
         sols = {k: v for k, v in row.items() if isinstance(v, dict)}
         if not sols:
@@ -267,7 +267,7 @@ def _gsm8k_solutions(path, seed=0, limit=None):
         if right and wrong:
             for label, (name, text) in ((True, rng.choice(right)), (False, rng.choice(wrong))):
                 pairs.append(dict(question=row["question"].strip(), response=text, label=label,
-                                  answer=m.group(1).replace(",", ""), id=f"{stem}-{i - 1}:{name}"))
+                                  answer=match.group(1).replace(",", ""), id=f"{stem}-{i - 1}:{name}"))
             if limit and len(pairs) >= 2 * limit:
                 break
     if not pairs:

@@ -33,8 +33,8 @@ class Completion:
 
     sampled (steps 1, 4): prompt_ids, tokens (incl. a stop token), logprobs (the sampler's, per token: only for the
         `logprob_gap` check), text, truncated (no stop token within the budget), kind ("response" | "critique"),
-        source (its question's / pair's index among this rank's of the step), label (critiques: the judged
-        response is right)
+        source (its question's / pair's index among this rank's of the step), question (the text of the question
+        it answers or whose answer it judges), label (critiques: the judged response is right)
     scored (steps 2, 5): reward (Eq. 1; Eq. 2 / 3 / 5 / 6 plus the Eq. 4 bonus), verdict and bonus (critiques)
     step 6: group (the key of its GRPO group), advantage
     step 7: old_logprobs, ref_logprobs: per token, before the update and under the reference model (--beta)
@@ -46,6 +46,7 @@ class Completion:
     text: str = ""
     truncated: bool = False
     source: int = 0
+    question: str = ""
     label: bool | None = None
     reward: float = 0.0
     verdict: str | None = None
@@ -60,10 +61,10 @@ class Completion:
         return len(self.tokens)
 
     @classmethod
-    def sampled(cls, sample, kind, source, label=None):
+    def sampled(cls, sample, kind, source, question, label=None):
         """From a sample dict of rollout.first_order_rollout / critique.sample_critiques."""
         return cls(prompt_ids=sample["prompt_ids"], tokens=sample["tokens"], kind=kind, logprobs=sample["logprobs"],
-                   text=sample["text"], truncated=sample["truncated"], source=source, label=label)
+                   text=sample["text"], truncated=sample["truncated"], source=source, question=question, label=label)
 
 
 # ============================================================================ step 6: advantages
@@ -85,8 +86,8 @@ def grpo_advantages(rewards, groups, scale=True, eps=1e-4):
         if len(idx) < 2 or float(rg.max() - rg.min()) <= 1e-9:
             zero[idx] = True
             continue
-        a = rg - rg.mean()
-        adv[idx] = a / (rg.std() + eps) if scale else a
+        centred = rg - rg.mean()
+        adv[idx] = centred / (rg.std() + eps) if scale else centred
     return adv.float(), zero
 
 
@@ -112,9 +113,9 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, epsilon=0.2, epsilon_high=Non
     clip is active), kl (sum of k3 over tokens)."""
     epsilon_high = epsilon if epsilon_high is None else epsilon_high
     mask = mask.to(logp.dtype)
-    a = adv[:, None]
+    A = adv[:, None]  # (B, 1)
     ratio = torch.exp(logp - old_logp)
-    per_tok = -torch.min(ratio * a, torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * a)
+    per_tok = -torch.min(ratio * A, torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * A)
     kl = None
     if beta:
         d = ref_logp - logp
@@ -134,7 +135,7 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, epsilon=0.2, epsilon_high=Non
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
     with torch.no_grad():
-        clipped = ((ratio < 1 - epsilon) & (a < 0)) | ((ratio > 1 + epsilon_high) & (a > 0))
+        clipped = ((ratio < 1 - epsilon) & (A < 0)) | ((ratio > 1 + epsilon_high) & (A > 0))
         stats = dict(tokens=float(mask.sum()), clipped=float((clipped * mask).sum()),
                      kl=float((kl * mask).sum()) if kl is not None else 0.0)
     return loss, stats

@@ -129,12 +129,12 @@ def _materialize(model):
     model back to meta, so no resident RAM). Not left on meta: Accelerate maps the optimizer's parameters to the
     sharded ones by data_ptr(), which is 0 for every meta tensor. A tied weight (LM head = embeddings) stays one."""
     new = {}
-    for m in model.modules():
-        for n, p in m._parameters.items():
+    for module in model.modules():
+        for n, p in module._parameters.items():
             if p is not None and p.is_meta:
                 if id(p) not in new:
                     new[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad)
-                m._parameters[n] = new[id(p)]
+                module._parameters[n] = new[id(p)]
 
 
 def trainer_models(args, runtime):

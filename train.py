@@ -29,11 +29,9 @@ starting policy or --static-pairs; sft = cross-entropy on {question, response, c
 are flags: --pair-filter random (Table 2), --pairs static|dynamic (§5.3), --critique-reward (Eq. 3, 5, 6; §5.4),
 --denoise K (Eq. 4, §5.2).
 
-Distributed (Accelerate; runtime.py): each rank samples whole groups of its own questions and pairs and keeps its
-own QRCache; the loss normalisers are summed over ranks, so N ranks make the same update as one process on the
-same global batch (FSDP2 / ZeRO-3 too: `runtime.full_weights` gathers the model once per step for the sampler).
-Sampling runs rollout.Sampler over the model's own parameters under inference_mode (no weight copy); the trainer
-recomputes log-probs with the HF forward and an fp32 LM head, each prompt once per group (--share-prompts).
+Distributed (runtime.py): each rank samples whole groups of its own questions and pairs, keeps its own QRCache,
+and divides by counts summed over ranks: N ranks make the update of one process on the same global batch. The
+sampler reads the model's own parameters (no copy); the trainer recomputes log-probs with the HF forward.
 Not done, on purpose: no value model, no reward model, no vLLM; refinement tokens (--denoise) are never trained.
 """
 import functools
@@ -84,7 +82,12 @@ class Trainer:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16,
                  "auto": torch.bfloat16 if args.mixed_precision == "bf16" else None}[args.sampler_dtype]
         self.sampler = rollout.Sampler(self.lm(), max_batch=args.sampler_batch, max_len=args.max_seq_len, dtype=dtype)
-        self.stop_ids = rollout.default_stop_ids(self.tokenizer)
+        # the sampler's settings of a response (with its prompt style) and of a critique
+        gen = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                   stop_ids=rollout.default_stop_ids(self.tokenizer))
+        style = {} if args.prompt_style == "plain" else {"style": args.prompt_style}
+        self.sampling = dict(response=dict(gen, max_new_tokens=args.max_completion_length, **style),
+                             critique=dict(gen, max_new_tokens=args.max_critique_length))
         self.temperature = args.temperature if args.temperature > 0 else 1.0  # greedy sampling: log-probs at T=1
         self.share_prompts = models.packs_prompts(self.lm(), args.share_prompts, self.runtime.print)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -111,14 +114,6 @@ class Trainer:
     def seed(self, *phase):
         """The seed of a random phase of the coming step on this rank: stateless, so a resumed run redraws it."""
         return seed_for(self.sample_seed, self.step + 1, self.runtime.rank, *phase)
-
-    def gen_kwargs(self, critique_turn=False):
-        args = self.args
-        kw = dict(max_new_tokens=args.max_critique_length if critique_turn else args.max_completion_length,
-                  temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, stop_ids=self.stop_ids)
-        if args.prompt_style != "plain" and not critique_turn:
-            kw["style"] = args.prompt_style
-        return kw
 
     def set_lr(self):
         """The LR of the coming step, a pure function of it (no scheduler state to checkpoint): linear warm-up over
@@ -154,10 +149,11 @@ class Trainer:
         records = [self.records[i] for i in self.runtime.share(self.stream.take(args.questions_per_step))]
         t0 = time.perf_counter()
         samples = rollout.first_order_rollout(self.sampler, self.tokenizer, records, args.num_generations,  # 1.
-                                              seed=self.seed("rollout1"), **self.gen_kwargs())
+                                              seed=self.seed("rollout1"), **self.sampling["response"])
         metrics.add("time/rollout1", time.perf_counter() - t0)
         t0 = time.perf_counter()
-        responses = [Completion.sampled(s, "response", s["q_index"]) for s in samples]
+        responses = [Completion.sampled(s, "response", s["q_index"], records[s["q_index"]]["question"])
+                     for s in samples]
         for r in responses:  # 2. Eq. 1
             r.reward = reward.response_reward(r.text, records[r.source]["answer"])
         self.track_accuracy(responses, metrics)
@@ -185,9 +181,10 @@ class Trainer:
         pairs, p_correct = self.next_pairs(metrics)
         if not pairs:
             return []
-        t0, seed, kw = time.perf_counter(), self.seed("rollout2"), self.gen_kwargs(critique_turn=True)
+        t0, seed, kw = time.perf_counter(), self.seed("rollout2"), self.sampling["critique"]
         samples = critique.sample_critiques(self.sampler, tok, pairs, args.critiques_per_pair, seed=seed, **kw)  # 4.
-        critiques = [Completion.sampled(s, "critique", s["pair_index"], label=s["label"]) for s in samples]
+        critiques = [Completion.sampled(s, "critique", s["pair_index"], pairs[s["pair_index"]]["question"], s["label"])
+                     for s in samples]
         verdicts = [reward.extract_verdict(c.text) for c in critiques]  # 5.
         refinements = (critique.sample_refinements(self.sampler, tok, pairs, samples, verdicts, args.denoise,
                                                    seed=seed + 1, **kw) if args.denoise else None)
@@ -217,7 +214,8 @@ class Trainer:
 
     def group_of(self, completion):
         """Step 6's GRPO group of a completion, assigned here only. per-prompt: its question's n responses, or its
-        pair's m critiques (on this rank); shared: every completion of the step, all ranks."""
+        pair's m critiques (on this rank); shared: every completion of the step, all ranks. (A group per question,
+        responses and the critiques of its pairs together, would key on `completion.question`.)"""
         return "step" if self.args.group_mode == "shared" else (completion.kind, completion.source)
 
     def advantages(self, batch, metrics):
@@ -348,7 +346,7 @@ class Trainer:
         self.lm().eval()
         with full_weights(self.model, self.runtime.accelerator):
             outs = rollout.first_order_rollout(self.sampler, self.tokenizer, records, 1, seed=0,
-                                               **dict(self.gen_kwargs(), temperature=0.0))
+                                               **dict(self.sampling["response"], temperature=0.0))
         metrics.mean_of("eval/acc/response", [reward.response_reward(o["text"], records[o["q_index"]]["answer"]) > 0.5
                                               for o in outs])
         metrics.mean_of("eval/len/response", [o["length"] for o in outs])
@@ -385,9 +383,9 @@ def static_pairs(trainer):
     else built once from the starting policy (each rank samples a share of the questions) and saved there."""
     args, runtime, saved = trainer.args, trainer.runtime, trainer.out / "static_pairs.jsonl"
     if args.static_pairs:
-        spec = args.static_pairs
-        pairs = (critique.load_critique_data(spec) if spec.startswith(("jsonl:", "gsm8k-solutions:"))
-                 else critique.load_pairs(spec))
+        spec = args.static_pairs  # a pairs jsonl, or a critique SPEC (jsonl:PATH, gsm8k-solutions:PATH)
+        is_spec = spec.startswith(("jsonl:", "gsm8k-solutions:"))
+        pairs = critique.load_critique_data(spec) if is_spec else critique.load_pairs(spec)
         where = f"--static-pairs {spec}"
     elif saved.is_file():
         pairs, where = critique.load_pairs(saved), str(saved)
@@ -398,7 +396,7 @@ def static_pairs(trainer):
             seed = seed_for(trainer.sample_seed, "static", runtime.rank)
             mine = records[runtime.rank::runtime.world]
             pairs = critique.build_static_pairs(trainer.sampler, trainer.tokenizer, mine, k=args.static_k, seed=seed,
-                                                **trainer.gen_kwargs())
+                                                **trainer.sampling["response"])
         pairs = runtime.gather(pairs)
         where = f"the starting policy ({len(records)} questions x {args.static_k} responses)"
         if pairs and runtime.is_main:

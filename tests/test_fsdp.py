@@ -287,3 +287,57 @@ def test_full_weights_zero3_fsdp1_ddp_stand_ins(monkeypatch):
         with runtime.full_weights(model, acc):
             calls.append("body")
     assert calls == ["body"] * 3
+
+
+def test_update_calls_ddp_and_deepspeed_stand_ins():
+    """The three calls of an optimizer update (runtime.Runtime). DDP: no all-reduce but in the last micro-batch
+    (accelerator.no_sync before it), each loss times the world size (DDP averages, the update needs the sum),
+    one clip and one step. DeepSpeed: its engine is told the accumulation boundary (the last micro-batch), each loss
+    is scaled by world x its configured count (the engine divides by it), the engine steps once, at the boundary,
+    and a rank always runs that count of micro-batches."""
+    calls = []
+
+    @contextlib.contextmanager
+    def no_sync(model):
+        calls.append("no_sync")
+        yield
+
+    class Loss:  # records what backward() is called on
+        def __init__(self, v):
+            self.v = v
+
+        def __mul__(self, k):
+            return Loss(self.v * k)
+
+        def backward(self):
+            calls.append(("backward", self.v))
+
+    rt = object.__new__(runtime.Runtime)
+    rt.deepspeed, rt.sharding, rt.world = False, None, 2
+    def clip(params, max_norm):
+        calls.append("clip")
+        return 2.0
+
+    rt.accelerator = types.SimpleNamespace(no_sync=no_sync, clip_grad_norm_=clip)
+    opt = types.SimpleNamespace(step=lambda: calls.append("step"), zero_grad=lambda: calls.append("zero_grad"))
+    for i in range(3):
+        with rt.gradient_sync(None, now=i == 2):
+            rt.backward(Loss(0.5), last=i == 2)
+    assert rt.step(types.SimpleNamespace(parameters=lambda: []), opt, 1.0) == 2.0
+    assert calls == ["no_sync", ("backward", 1.0), "no_sync", ("backward", 1.0), ("backward", 1.0), "clip", "step",
+                     "zero_grad"]
+
+    calls.clear()
+    engine = types.SimpleNamespace(set_gradient_accumulation_boundary=lambda is_boundary: calls.append(is_boundary),
+                                   backward=lambda loss: calls.append(("backward", loss.v)),
+                                   step=lambda: calls.append("engine.step"))
+    rt.deepspeed, rt.sharding = True, "zero3"
+    wrapped = types.SimpleNamespace(engine=engine, get_global_grad_norm=lambda: 3.0)
+    rt.accelerator = types.SimpleNamespace(gradient_accumulation_steps=4, no_sync=no_sync,
+                                           deepspeed_engine_wrapped=wrapped)
+    assert rt.micro_batch_count(1) == 4  # DeepSpeed's count, whatever this rank has
+    for i in range(4):
+        with rt.gradient_sync(None, now=i == 3):
+            rt.backward(Loss(0.5), last=i == 3)
+    assert rt.step(None, opt, 1.0) == 3.0  # the engine's norm; no second step
+    assert calls == [False, ("backward", 4.0)] * 3 + [True, ("backward", 4.0), "engine.step"]
