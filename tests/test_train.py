@@ -593,6 +593,20 @@ def test_gc_static_never_pushes_to_the_cache(monkeypatch, tiny_dir, qspec, tmp_p
     assert state["ranks"][0]["cache"]["right"] == [] and state["pairs"]["pos"] == 4
 
 
+def test_phase_plan_of_each_mode():
+    """config.plan derives what a step runs from --mode, --pairs and --pair-filter (the table in config.Plan)."""
+    def plan(*argv):
+        p = config.plan(config.build_parser().parse_args(list(argv)))
+        return p.responses, p.train_responses, p.critiques, p.pairs
+
+    assert plan("--mode", "gc") == (True, True, True, "dynamic")
+    assert plan("--mode", "gc", "--pairs", "static") == (True, True, True, "static")
+    assert plan("--mode", "g") == (True, True, False, None)
+    assert plan("--mode", "c") == (False, False, True, "static")
+    assert plan("--mode", "c", "--pairs", "dynamic", "--pair-filter", "random") == (True, False, True, "dynamic")
+    assert plan("--mode", "sft") == (False, False, False, None)
+
+
 def test_ablation_flags_refuse_what_they_do_not_mean(tiny_dir, qspec, tmp_path):
     for over, msg in (({"--mode": "g", "--pairs": "static"}, "--pairs static is for --mode gc / c"),
                       ({"--mode": "c", "--pair-filter": "random"}, "--pair-filter random filters the dynamic"),
