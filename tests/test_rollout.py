@@ -1,5 +1,5 @@
 """rollout.py: the hand-written sampler against HF on tiny random models of each supported
-architecture, sampling semantics, and load_policy (incl. the GGUF conversion of the real model)."""
+architecture, sampling semantics, and models.load_policy (incl. the GGUF conversion of the real model)."""
 import importlib.util
 import os
 
@@ -7,9 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import models
 import rollout
 from conftest import make_model, sampler_logits
-from rollout import Sampler, default_stop_ids, first_order_rollout, load_policy
+from models import load_policy
+from rollout import Sampler, default_stop_ids, first_order_rollout
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
 # init 0.2 (not HF's 0.02) gives peaked but not degenerate next-token distributions: greedy
@@ -487,7 +489,7 @@ def test_first_order_rollout(tokenizer):
         assert o["truncated"] == (o["tokens"][-1] not in stop)
 
 
-# ----------------------------------------------------------------------------- load_policy
+# ----------------------------------------------------------------------------- models.load_policy
 
 
 def test_load_policy_without_package(monkeypatch, tmp_path):
@@ -529,7 +531,7 @@ def test_gguf_conversion_round_trip(converted):
     path, model, tok = converted
     assert (path / "model.safetensors").exists() and not list(path.parent.glob(".*tmp*"))
     assert "quantization_config" not in (path / "config.json").read_text()
-    gguf = rollout._gguf_file("smollm2-135m")
+    gguf = models._gguf_file("smollm2-135m")
     ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     ref_tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     text = "What is 12 + 30? Answer with \\boxed{}."
