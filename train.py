@@ -170,8 +170,8 @@ class Trainer:
     def track_accuracy(self, responses, metrics):
         """E[R(r)] of Eq. 3: a running mean (decay ACC_EMA) of the step's first-order accuracy over all ranks."""
         n_right, n_all = self.runtime.all_sum([sum(r.reward > 0.5 for r in responses), len(responses)])
-        acc = n_right / max(n_all, 1)
-        self.accuracy_ema = acc if self.accuracy_ema is None else ACC_EMA * self.accuracy_ema + (1 - ACC_EMA) * acc
+        step_acc, ema = n_right / max(n_all, 1), self.accuracy_ema
+        self.accuracy_ema = step_acc if ema is None else ACC_EMA * ema + (1 - ACC_EMA) * step_acc
         metrics.add("acc/response_ema", self.accuracy_ema)  # the same on every rank
 
     def critique_half(self, metrics):
