@@ -339,18 +339,7 @@ class Trainer:
                 out[i] = logp[r, :seqs[i].length]
         return out
 
-    # ------------------------------------------------------------------------ eval, samples
-    def evaluate(self, metrics):
-        """Greedy accuracy on --eval-data (this rank's share), into the step's metrics as eval/*."""
-        records = self.eval_records[self.runtime.rank::self.runtime.world]
-        self.lm().eval()
-        with full_weights(self.model, self.runtime.accelerator):
-            outs = rollout.first_order_rollout(self.sampler, self.tokenizer, records, 1, seed=0,
-                                               **dict(self.sampling["response"], temperature=0.0))
-        metrics.mean_of("eval/acc/response", [reward.response_reward(o["text"], records[o["q_index"]]["answer"]) > 0.5
-                                              for o in outs])
-        metrics.mean_of("eval/len/response", [o["length"] for o in outs])
-
+    # ------------------------------------------------------------------------ samples
     def dump(self, rows):
         """A few samples of the step (rank 0) into samples.jsonl: the prompt's text, the completion, its reward."""
         if not self.runtime.is_main or not rows:
@@ -359,6 +348,18 @@ class Trainer:
             for row in rows:
                 row = dict(step=self.step + 1, **dict(row, prompt=self.tokenizer.decode(row["prompt"])))
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def evaluate(trainer, metrics):
+    """Greedy accuracy on --eval-data (this rank's share), into the step's metrics as eval/*."""
+    records = trainer.eval_records[trainer.runtime.rank::trainer.runtime.world]
+    trainer.lm().eval()
+    with full_weights(trainer.model, trainer.runtime.accelerator):
+        outs = rollout.first_order_rollout(trainer.sampler, trainer.tokenizer, records, 1, seed=0,
+                                           **dict(trainer.sampling["response"], temperature=0.0))
+    metrics.mean_of("eval/acc/response", [reward.response_reward(o["text"], records[o["q_index"]]["answer"]) > 0.5
+                                          for o in outs])
+    metrics.mean_of("eval/len/response", [o["length"] for o in outs])
 
 
 def completion_metrics(metrics, kind, completions):
@@ -470,7 +471,7 @@ def main(argv=None):
                 metrics = trainer.rl_step() if args.mode != "sft" else sft.step(trainer)
                 trainer.step += 1
                 if trainer.eval_records and (trainer.step % args.eval_every == 0 or trainer.step == args.max_steps):
-                    trainer.evaluate(metrics)
+                    evaluate(trainer, metrics)
                 runtime.log_metrics(trainer.out, trainer.step, metrics, bar, args.log_every, args.report_to != "none")
                 stopping = runtime.all_sum([1.0 if stop["sig"] else 0.0])[0] > 0  # a signal on any rank
                 done = trainer.step == args.max_steps
