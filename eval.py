@@ -280,6 +280,9 @@ def load_model(args):
 def run_eval(args):
     """Load the model, evaluate, print every metric, write --out. Returns the result dict."""
     import rollout
+    import suite
+    if suite.is_suite(args.data):  # the paper's five benchmarks, Table 1's layout
+        return suite.run_eval(args)
     model, tok, device = load_model(args)
     res = evaluate(model, tok, args)
     config = {k: v for k, v in vars(args).items() if k not in ("compare", "plot")}
@@ -304,10 +307,11 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     a = p.add_argument
     a("--model", default="smollm2-135m", help="alias, HF id, model dir, checkpoint-STEP dir or train.py run dir")
-    a("--data", default="arith", help=f"data SPEC for generation (arith: its test split): {data.SPECS}")
+    a("--data", default="arith", help=f"data SPEC for generation (arith: its test split): {data.SPECS}; or "
+                                      "suite[:DIR], the paper's five benchmarks (suite.py)")
     a("--split", default="test", help="split for hub specs (gsm8k, hf:NAME without :SPLIT)")
     a("--critique-data", help="critique SPEC: gsm8k-solutions:PATH.jsonl, jsonl:PATH (default: the own --k samples)")
-    a("--limit", type=int, help="questions of --data to evaluate (default 100)")
+    a("--limit", type=int, help="questions of --data to evaluate (default 100; suite: per benchmark, default all)")
     a("--critique-limit", type=int, help="questions of --critique-data (2 pairs each); default all")
     a("--out", help="write the result JSON here")
     a("--label", help="row name in --compare tables (default: the run dir or file name)")

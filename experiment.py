@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 import data  # light: no torch
+import suite  # light: no torch
 
 HERE = Path(__file__).resolve().parent
 
@@ -89,12 +90,24 @@ def train_sizes(args):
             "--grad-accum", str(args.grad_accum), "--prompt-style", args.prompt_style]
 
 
-def sft_argv(args):
+def train_py(args):
+    """How train.py is started: `python train.py`, or `--launch` (e.g. accelerate launch ... for many GPUs)."""
+    return (shlex.split(args.launch) if args.launch else [sys.executable]) + [str(HERE / "train.py")]
+
+
+def save_every(args, steps):
+    """--save-every, or by default a checkpoint every 5% of the run's steps: a killed run loses at most that."""
+    return str(args.save_every if args.save_every is not None else max(1, math.ceil(steps / 20)))
+
+
+def sft_argv(args, resume=False):
     root = Path(args.dir)
-    return [sys.executable, str(HERE / "train.py"), "--mode", "sft", "--model", args.model,
-            "--data", f"jsonl:{cold_start_path(args)}", "--out", str(root / "sft"),
-            "--max-steps", str(args.sft_steps), "--questions-per-step", str(args.sft_batch),
-            "--lr", str(args.sft_lr), "--seed", str(args.shared_seed)] + train_sizes(args) + args.train_args
+    return (train_py(args) + ["--mode", "sft", "--model", args.model,
+                              "--data", f"jsonl:{cold_start_path(args)}", "--out", str(root / "sft"),
+                              "--max-steps", str(args.sft_steps), "--questions-per-step", str(args.sft_batch),
+                              "--lr", str(args.sft_lr), "--seed", str(args.shared_seed)] + train_sizes(args)
+            + ["--save-every", save_every(args, args.sft_steps)] + (["--resume", "auto"] if resume else [])
+            + args.train_args)
 
 
 def rl_argv(args, method, seed, resume=False):
@@ -103,11 +116,12 @@ def rl_argv(args, method, seed, resume=False):
     flags = METHODS[method]
     static = (["--static-pairs", args.static_pairs] if args.static_pairs and flags[1] == "c"
               and "dynamic" not in flags else [])
-    return ([sys.executable, str(HERE / "train.py")] + flags
+    return (train_py(args) + flags
             + ["--model", str(root / "sft" / "final"), "--data", args.data, "--limit", str(args.train_limit),
                "--seed", str(seed), "--max-steps", str(args.rl_steps), "--questions-per-step", str(args.questions),
                "--lr", str(args.rl_lr), "--out", str(run_dir(root, method, seed))]
-            + train_sizes(args) + static + (["--resume", "auto"] if resume else []) + args.train_args)
+            + train_sizes(args) + static + ["--save-every", save_every(args, args.rl_steps)]
+            + (["--resume", "auto"] if resume else []) + args.train_args)
 
 
 def eval_flags(args):
@@ -121,7 +135,8 @@ def eval_flags(args):
 def critique_set_argv(args):
     root = Path(args.dir)
     return [sys.executable, str(HERE / "teacher.py"), "--out", str(root / "critique_test.jsonl"),
-            "--model", str(root / "sft" / "final"), "--data", args.data, "--limit", str(args.critique_questions),
+            "--model", str(root / "sft" / "final"), "--data", args.eval_data or args.data,
+            "--limit", str(args.critique_questions),
             "--k", str(args.k), "--max-new-tokens", str(args.max_new_tokens), "--dtype", args.dtype,
             "--seed", str(args.shared_seed), "--batch", str(args.eval_batch), "--prompt-style", args.prompt_style]
 
@@ -130,7 +145,7 @@ def eval_argv(args, model, label, out, name="eval"):
     """eval.py of one model: `name` eval = --data + the grid's critique test set; eval-gsm8k = the GSM8K files."""
     root = Path(args.dir)
     if name == "eval":
-        data = ["--data", args.data, "--critique-data", f"jsonl:{root / 'critique_test.jsonl'}"]
+        data = ["--data", args.eval_data or args.data, "--critique-data", f"jsonl:{root / 'critique_test.jsonl'}"]
     else:
         g = Path(args.gsm8k_dir)
         data = ["--data", f"gsm8k:{g / 'test_dev.jsonl'}",
@@ -175,9 +190,13 @@ def plan(args):
     runs = [(m, seed, run_dir(root, m, seed)) for seed in args.seeds for m in args.methods]
     # the cold start is needed while any RL run or its own eval still has to be made
     sft_done = (sft / "final" / "config.json").is_file() or (evals_done(sft) and all(trained(r) for _, _, r in runs))
-    add("sft train", sft_argv(args), sft_done, sft / "train.log", sft, "train")
+    for pre in suite.pre_steps(args, cold_start_path(args)) if not sft_done else []:  # --teacher: distillation
+        add(**pre)
+    add("sft train", sft_argv(args, resume=not sft_done and _checkpointed(sft)), sft_done, sft / "train.log", sft,
+        "train")
     crit = root / "critique_test.jsonl"
-    add("critique test set", critique_set_argv(args), crit.is_file(), root / "critique_test.log", sft, "critique-set")
+    add("critique test set", suite.critique_set_argv(args) or critique_set_argv(args), crit.is_file(),
+        root / "critique_test.log", sft, "critique-set")
     add_evals("sft", sft / "final", sft)
     if args.with_base:
         add_evals("base", args.model, root / "base")
@@ -261,7 +280,7 @@ def write_cold_start(args, dry_run=False):
     """DIR/cold_start.jsonl: program-written solutions and critiques (teacher.cold_start_data) on the arith
     train questions after the first --train-limit ones (the RL questions), so the two sets are disjoint."""
     path = cold_start_path(args)
-    if path.exists():
+    if path.exists() or args.teacher:  # --teacher: a step of the plan distils it (suite.pre_steps)
         return
     if not str(args.data).startswith("arith"):
         raise ExperimentError(f"--data {args.data}: the cold start's program teacher needs arith data; pass "
@@ -277,7 +296,8 @@ def write_cold_start(args, dry_run=False):
 
 
 # settings that must agree across the invocations on one DIR (the rest: which methods, seeds, rows, report)
-NOT_SETTINGS = {"dir", "methods", "seeds", "with_base", "dry_run", "report", "n_boot", "gsm8k_dir"}
+NOT_SETTINGS = {"dir", "methods", "seeds", "with_base", "dry_run", "report", "n_boot", "gsm8k_dir", "save_every",
+                "launch"}
 
 
 def update_grid(args, argv):
@@ -733,6 +753,7 @@ def report(root, n_boot=2000):
         cols = TABLE1_COLS + ([DENOISED_COL] if any_denoised else [])
         out += [f"## Table 1 ({data}): the cold start, C-RL, G-RL, GC-RL", "",
                 table(["base", "sft", "c", "g", "gc"], cols, evals, expected), ""]
+        out += suite.report_tables(evals, ["base", "sft"] + methods, LABELS, mean_ci) if e == "eval" else []
     evals = evals_all["eval"]
     if evals:
         out += ["## The paper's claims: paired differences", "",
@@ -853,12 +874,19 @@ def build_parser():
     g.add_argument("--eval-batch", type=int, default=32, help="eval.py --batch (sampler rows per chunk)")
     g.add_argument("--prompt-style", default="plain", help="generation prompt of train and eval (data.PROMPT_STYLES)")
     g.add_argument("--gsm8k-dir", default=None, help="also eval on DIR/test_dev.jsonl + DIR/model_solutions_dev.jsonl")
+    g = p.add_argument_group("long runs")
+    g.add_argument("--save-every", type=int, default=None, help="train.py --save-every (default: every 5%% of a "
+                   "run's steps, so a killed run loses at most that; rerun the command to resume); 0 = at the end")
+    g.add_argument("--launch", default=None, help="start train.py with this instead of python, e.g. 'accelerate "
+                   "launch --config_file configs/accelerate/fsdp2.yaml --num_processes 8'")
+    suite.add_experiment_flags(p)
     return p
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    recipe = build_parser().parse_known_args(argv)[0].recipe  # --recipe: its flags first, so argv's win
+    args = build_parser().parse_args(suite.recipe_argv(recipe, argv) if recipe else argv)
     try:
         if args.gsm8k_dir and not args.report:
             for f in ("test_dev.jsonl", "model_solutions_dev.jsonl"):
