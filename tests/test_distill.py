@@ -75,7 +75,8 @@ def test_distill_orchestration_with_a_scripted_teacher():
         for q, resp in pairs:
             i = int(q.split()[2])
             texts.append(crit("right" if reward.is_correct(resp, str(2 * i), strict=True) else "wrong"))
-        return texts, [f"Teacher: \\boxed{{{2 * i}}}" if i % 2 == 0 else "Teacher: no idea" for i in range(len(records))]
+        sols = [f"Teacher: \\boxed{{{2 * i}}}" if i % 2 == 0 else "Teacher: no idea" for i in range(len(records))]
+        return texts, sols
 
     rows, counts = teacher.distill(RECORDS, policy, scripted_teacher, k=3, seed=0)
     assert len(seen["pairs"]) == 12 and all("boxed" in r for _, r in seen["pairs"])  # unboxed never reach it

@@ -33,7 +33,8 @@ def test_dapo_dedupes_and_strips_the_answer_wrapper():
     assert [r["answer"] for r in recs] == DAPO_GOLDS
     assert recs[0]["question"] == "Find the number of positive divisors of $360$."
     for r in recs:
-        assert "Answer:" not in r["question"] and "Remember" not in r["question"] and r["question"] == r["question"].strip()
+        assert "Answer:" not in r["question"] and "Remember" not in r["question"]
+        assert r["question"] == r["question"].strip()
     assert recs[0]["id"] == raw[0]["extra_info"]["index"]  # the first copy's id
     assert len({r["question"] for r in recs}) == 8
     # the deduplicated copy (open-r1/DAPO-Math-17k-Processed: `prompt` a string, `solution` the gold) reads the same
