@@ -96,8 +96,9 @@ def train_py(args):
 
 
 def save_every(args, steps):
-    """--save-every, or by default a checkpoint every 5% of the run's steps: a killed run loses at most that."""
-    return str(args.save_every if args.save_every is not None else max(1, math.ceil(steps / 20)))
+    """--save-every, or by default a checkpoint every 5% of the run's steps (a killed run loses at most that), at
+    least 5 steps apart: a CPU step of the demo takes ~20 s, a checkpoint of SmolLM2-135M ~5 s."""
+    return str(args.save_every if args.save_every is not None else max(5, math.ceil(steps / 20)))
 
 
 def sft_argv(args, resume=False):
@@ -297,7 +298,7 @@ def write_cold_start(args, dry_run=False):
 
 # settings that must agree across the invocations on one DIR (the rest: which methods, seeds, rows, report)
 NOT_SETTINGS = {"dir", "methods", "seeds", "with_base", "dry_run", "report", "n_boot", "gsm8k_dir", "save_every",
-                "launch"}
+                "launch", "recipe"}  # how a run is started and checkpointed, not what it computes
 
 
 def update_grid(args, argv):
@@ -876,7 +877,8 @@ def build_parser():
     g.add_argument("--gsm8k-dir", default=None, help="also eval on DIR/test_dev.jsonl + DIR/model_solutions_dev.jsonl")
     g = p.add_argument_group("long runs")
     g.add_argument("--save-every", type=int, default=None, help="train.py --save-every (default: every 5%% of a "
-                   "run's steps, so a killed run loses at most that; rerun the command to resume); 0 = at the end")
+                   "run's steps, at least 5: a killed run loses at most that; rerun the command to resume); 0 = at the "
+                   "end only")
     g.add_argument("--launch", default=None, help="start train.py with this instead of python, e.g. 'accelerate "
                    "launch --config_file configs/accelerate/fsdp2.yaml --num_processes 8'")
     suite.add_experiment_flags(p)

@@ -31,18 +31,18 @@ def test_method_table_gives_the_documented_train_commands(tmp_path):
     assert ex.rl_argv(args, "gc-random-reweight", 3) == (
         [PY, TRAIN, "--mode", "gc", "--pair-filter", "random", "--critique-reward", "reweight"] + common
         + ["--seed", "3"] + rest + ["--out", str(tmp_path / "gc-random-reweight" / "seed3")] + SIZES
-        + ["--save-every", "1", "--beta", "1e-3"])  # a checkpoint every 5% of the steps
+        + ["--save-every", "5", "--beta", "1e-3"])  # a checkpoint every 5% of the steps, at least 5 apart
     assert ex.rl_argv(args, "c-dynamic", 0, resume=True) == (
         [PY, TRAIN, "--mode", "c", "--pairs", "dynamic"] + common + ["--seed", "0"] + rest
         + ["--out", str(tmp_path / "c-dynamic" / "seed0")] + SIZES
-        + ["--save-every", "1", "--resume", "auto", "--beta", "1e-3"])
+        + ["--save-every", "5", "--resume", "auto", "--beta", "1e-3"])
     assert ex.METHODS["gc-denoise"] == ["--mode", "gc", "--denoise", "1"]
     assert ex.METHODS["gc-precision"][-2:] == ["--critique-reward", "precision"]
     # the cold start: one SFT run, the shared seed; every eval: the same flags and seed
     assert ex.sft_argv(args) == [PY, TRAIN, "--mode", "sft", "--model", "smollm2-135m", "--data",
                                  f"jsonl:{tmp_path / 'cold_start.jsonl'}", "--out", str(tmp_path / "sft"),
                                  "--max-steps", "24", "--questions-per-step", "8", "--lr", "5e-05", "--seed", "0"] \
-        + SIZES + ["--save-every", "2", "--beta", "1e-3"]
+        + SIZES + ["--save-every", "5", "--beta", "1e-3"]
     out = tmp_path / "c" / "seed3" / "eval.json"
     assert ex.eval_argv(args, tmp_path / "c" / "seed3" / "final", "c/seed3", out) == [
         PY, EVAL, "--model", str(tmp_path / "c" / "seed3" / "final"), "--data", "arith:1",
