@@ -22,9 +22,10 @@ evals differ only by the model. Resuming: a run whose final/config.json exists i
 checkpoint but no final/ continues with `--resume auto`, an eval whose json exists is skipped; a later
 invocation with more methods or seeds (same sizes; checked against grid.json) runs only what is missing.
 
-Evals pass `--k-ref 1` by default (one refinement per critique): it adds the denoised reward of Table 5
-(arXiv 2602.22765, Appendix B: C-RL vs GC-RL, and the denoising ablation) to every eval and changes no other
-number (refinements are sampled after the critiques, from their own seed). `--k-ref 0` skips it.
+The evals of the methods in READS_DENOISED pass `--k-ref 1` by default (one refinement per critique): it adds the
+denoised reward of Table 5 (arXiv 2602.22765, Appendix B: C-RL vs GC-RL, and the denoising ablation) and changes no
+other number (refinements are sampled after the critiques, from their own seed); the other evals skip it, as no
+claim reads it. `--k-ref 0` skips it everywhere.
 
 The report (report.report -> results.md): cells are mean +- the 95% half-width of Student's t over seeds, with
 the number of seeds; missing seeds are marked, never averaged in as if complete. Each of the paper's claims is a
@@ -114,10 +115,16 @@ def rl_argv(args, method, seed, resume=False):
             + train_sizes(args) + static + (["--resume", "auto"] if resume else []) + args.train_args)
 
 
-def eval_flags(args):
+# the methods whose denoised critique reward (Table 5, §5.2) a claim or table of the report reads: only their evals
+# write the refinements it needs (a quarter of an eval's time), the rest pass --k-ref 0
+READS_DENOISED = {"c", "gc", "c-denoise", "gc-denoise"}
+
+
+def eval_flags(args, k_ref=None):
     """eval.py flags shared by every eval (and the critique test set): the same sizes and seed for all."""
     return (["--k", str(args.k), "--max-new-tokens", str(args.max_new_tokens),
-             "--critique-max-new-tokens", str(args.critique_max_new_tokens), "--k-ref", str(args.k_ref),
+             "--critique-max-new-tokens", str(args.critique_max_new_tokens),
+             "--k-ref", str(args.k_ref if k_ref is None else k_ref),
              "--dtype", args.dtype, "--seed", str(args.shared_seed), "--batch", str(args.eval_batch),
              "--prompt-style", args.prompt_style] + ([] if args.selection else ["--no-selection"]))
 
@@ -140,8 +147,9 @@ def eval_argv(args, model, label, out, name="eval"):
         data = ["--data", f"gsm8k:{g / 'test_dev.jsonl'}",
                 "--critique-data", f"gsm8k-solutions:{g / 'model_solutions_dev.jsonl'}",
                 "--critique-limit", str(args.critique_questions)]
+    k_ref = args.k_ref if label.split("/")[0] in READS_DENOISED else 0
     return ([sys.executable, str(HERE / "eval.py"), "--model", str(model)] + data + ["--limit", str(args.limit)]
-            + eval_flags(args) + ["--label", label, "--out", str(out)])
+            + eval_flags(args, k_ref) + ["--label", label, "--out", str(out)])
 
 
 def cold_start_path(args):
@@ -281,7 +289,8 @@ def write_cold_start(args, dry_run=False):
 
 
 # settings that must agree across the invocations on one DIR (the rest: which methods, seeds, rows, report)
-NOT_SETTINGS = {"dir", "methods", "seeds", "with_base", "dry_run", "report", "gsm8k_dir"}
+# (--eval-batch: speed only; the sampler's draws do not depend on its chunking)
+NOT_SETTINGS = {"dir", "methods", "seeds", "with_base", "dry_run", "report", "gsm8k_dir", "eval_batch"}
 
 
 def update_grid(args, argv):
@@ -290,7 +299,7 @@ def update_grid(args, argv):
     path = Path(args.dir) / "grid.json"
     grid = _read_json(path, {}) or {}
     settings = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
-    old = grid.get("settings")
+    old = {k: v for k, v in grid["settings"].items() if k not in NOT_SETTINGS} if grid.get("settings") else None
     if old is not None and old != settings:
         diff = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} then, {settings.get(k)!r} now"
                          for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k))
@@ -400,13 +409,15 @@ def build_parser():
                    help="test questions of the critique test set (one right + one wrong response each: 2 pairs)")
     g.add_argument("--k", type=int, default=2, help="samples per question (pass@1, maj@k; the critique set's samples)")
     g.add_argument("--k-ref", type=int, default=1, help="refinements per critique for the denoised reward "
-                                                        "(Table 5); 0 = skip")
+                                                        "(Table 5) in the evals of " + ", ".join(sorted(READS_DENOISED))
+                                                        + "; 0 = skip")
     g.add_argument("--selection", action="store_true", help="also run critique-guided best-of-k (k critiques "
                                                             "per question more)")
     g.add_argument("--max-new-tokens", type=int, default=96, help="response budget (train and eval)")
     g.add_argument("--critique-max-new-tokens", type=int, default=128, help="critique budget (train and eval)")
     g.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="bf16", help="eval.py --dtype")
-    g.add_argument("--eval-batch", type=int, default=32, help="eval.py --batch (sampler rows per chunk)")
+    g.add_argument("--eval-batch", type=int, default=256,
+                   help="eval.py --batch (sampler rows at once; speed only, the samples do not depend on it)")
     g.add_argument("--prompt-style", default="plain", help="generation prompt of train and eval (data.PROMPT_STYLES)")
     g.add_argument("--gsm8k-dir", default=None, help="also eval on DIR/test_dev.jsonl + DIR/model_solutions_dev.jsonl")
     return p

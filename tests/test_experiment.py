@@ -51,8 +51,11 @@ def test_method_table_gives_the_documented_train_commands(tmp_path):
         PY, EVAL, "--model", str(tmp_path / "c" / "seed3" / "final"), "--data", "arith:1",
         "--critique-data", f"jsonl:{tmp_path / 'critique_test.jsonl'}", "--limit", "256", "--k", "2",
         "--max-new-tokens", "96", "--critique-max-new-tokens", "128", "--k-ref", "1", "--dtype", "bf16",
-        "--seed", "0", "--batch", "32", "--prompt-style", "plain", "--no-selection", "--label", "c/seed3",
+        "--seed", "0", "--batch", "256", "--prompt-style", "plain", "--no-selection", "--label", "c/seed3",
         "--out", str(out)]
+    # the refinements of the denoised reward: only in the evals of the methods a claim reads it of
+    g_eval = ex.eval_argv(args, tmp_path / "g" / "seed3" / "final", "g/seed3", out)
+    assert g_eval[g_eval.index("--k-ref") + 1] == "0" and "g" not in ex.READS_DENOISED
     # --static-pairs reaches static C-RL only
     (tmp_path / "p.jsonl").write_text("")
     args = parse(tmp_path, "--static-pairs", str(tmp_path / "p.jsonl"))
@@ -317,7 +320,8 @@ def test_tiny_grid_end_to_end(tiny_dir, tmp_path, monkeypatch, capsys):
         assert (run / "final" / "config.json").is_file() and (run / "train.log").is_file()
         res = json.loads((run / "eval.json").read_text())
         assert res["critique"]["n_pairs"] == 4 and len(res["items"]["greedy"]) == 2  # 2 questions, 1 right + 1 wrong
-        assert len(res["items"]["critique"]) == 4 and "denoised" in res["items"]["critique"][0]  # --k-ref 1
+        # --k-ref 1 is asked for, but no claim reads the cold start's or G-RL's denoised reward: no refinements
+        assert len(res["items"]["critique"]) == 4 and "denoised" not in res["items"]["critique"][0]
         rec = json.loads((run / "run.json").read_text())
         assert rec["train"]["rc"] == 0 and rec["train"]["peak_rss_mib"] > 0 and rec["eval"]["wall_s"] > 0
     cfg = json.loads((root / "g" / "seed0" / "train_config.json").read_text())
