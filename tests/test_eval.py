@@ -128,6 +128,17 @@ def test_critique_metrics_block_with_denoise_bonus():
     assert b["precision"] == 1.0 and b["recall"] == 0.5 and b["format_rate"] == 0.75 and b["wrong_rate"] == 0.5
     assert b["n_right"] == b["n_wrong"] == 1 and b["n_critiques"] == 4 and b["truncation_rate"] == 0.5
     assert ev.critique_metrics(crits, pairs, "x", c=2, k_ref=0)["denoised_reward"] is None
+    assert b["collapsed"] is False  # "wrong" on 2 of 4
+
+
+@pytest.mark.parametrize("n_wrong,n_right,flag", [(19, 1, True), (18, 2, False), (0, 20, True), (1, 19, True),
+                                                 (10, 0, False)])
+def test_collapse_flag_on_hand_made_verdicts(n_wrong, n_right, flag):
+    """A critic giving one verdict to >= 95% of the critiques has collapsed (no verdict counts for neither)."""
+    verdicts = ["wrong"] * n_wrong + ["right"] * n_right + [None] * (20 - n_wrong - n_right)
+    crits = [dict(verdict=v, label=i % 2 == 0, length=1, truncated=False) for i, v in enumerate(verdicts)]
+    assert ev.critique_metrics(crits, [dict(label=True), dict(label=False)], "x", c=10)["collapsed"] is flag
+    assert ev.critique_metrics([], [], "x", c=1)["collapsed"] is None
 
 
 # ----------------------------------------------------------------------------- balanced critique sets

@@ -268,6 +268,7 @@ def test_report_from_hand_written_run_dirs(tmp_path, capsys):
     assert "| GC-RL, static pairs | not run | not run | not run | not run | not run |" in static
     static_gc = [line for line in static.splitlines() if line.startswith("| GC-RL |")][0]
     assert static_gc.endswith("| 95.0 ± 63.5 (2/3 seeds; missing 2) | 55.0 ± 63.5 (2/3 seeds; missing 2) |")
+    assert rows["GC-RL"][-1] == "0/2" and rows["C-RL"][-1] == "0/3" and rows["w/o RL (cold start)"][-1] == "no"
     assert "## Table 2" not in md and "## Reward steering" not in md  # no such method in the grid
     assert "Grid total: 1.5 min" in md and "2.0 GiB" in md
     assert sorted(p.name for p in (root / "plots").iterdir()) == ["static_vs_dynamic.png", "table1.png"]
