@@ -59,8 +59,8 @@ gpu-check: setup  ## the first run on a CUDA machine: flash-attn, CUDA tests, sa
 	bash bench/gpu_check.sh
 
 EXPERIMENT ?= runs/experiment
-experiment: setup  ## Table 1: C-RL vs G-RL vs GC-RL from one cold start, seeds $(SEEDS), report in results.md
-	$(BIN)/python experiment.py $(EXPERIMENT) --methods g,c,gc --seeds $(SEEDS) $(GRID) $(EXTRA)
+experiment: setup  ## Table 1: C-RL vs G-RL vs GC-RL (+ the A/A control gc-aa) from one cold start, seeds $(SEEDS), report in results.md
+	$(BIN)/python experiment.py $(EXPERIMENT) --methods g,c,gc,gc-aa --seeds $(SEEDS) $(GRID) $(EXTRA)
 
 # every ablation of the paper's section 5, into the SAME dir: g / c / gc seeds of `make experiment` are reused
 FINDINGS_METHODS := g,c,gc,gc-random,gc-random-reweight,gc-static,c-dynamic,gc-precision,gc-recall,gc-denoise,c-denoise

@@ -80,13 +80,20 @@ def generation_metrics(greedy, samples=None):
                 sample_truncation_rate=accuracy(r["truncated"] for r in flat), reason=None)
 
 
+COLLAPSED = 0.95  # a critic that gives one verdict to this share of the critiques has collapsed to it
+
+
 def critique_metrics(crits, pairs, source, c, k_ref=0):
-    """Critique block from second-order rollout outputs (each with `verdict`, `label`, `bonus`, `length`, ...)."""
+    """Critique block from second-order rollout outputs (each with `verdict`, `label`, `bonus`, `length`, ...).
+    `collapsed`: one verdict ("right" or "wrong") on >= COLLAPSED of the critiques: on a 1:1 set such a critic
+    sits at ~50% accuracy whatever it reads, and its precision / recall say little."""
     m = reward.classification_metrics([x["verdict"] for x in crits], [bool(x["label"]) for x in crits])
+    one_verdict = max(m["wrong"], m["tp"] + m["fp"]) / m["n"] if m["n"] else None
     plain = [reward.critique_reward(x["verdict"], bool(x["label"])) for x in crits]
     return dict(source=source, n_pairs=len(pairs), n_right=sum(1 for p in pairs if p["label"]),
                 n_wrong=sum(1 for p in pairs if not p["label"]), samples_per_pair=c, n_critiques=len(crits),
                 **{k: m[k] for k in ("accuracy", "precision", "recall", "f1", "format_rate", "wrong_rate")},
+                collapsed=None if one_verdict is None else one_verdict >= COLLAPSED,
                 reward=mean(plain), k_ref=k_ref,
                 denoised_reward=mean(r + float(x.get("bonus") or 0.0) for r, x in zip(plain, crits)) if k_ref else None,
                 mean_length=mean(x["length"] for x in crits), truncation_rate=accuracy(x["truncated"] for x in crits),

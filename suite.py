@@ -9,9 +9,9 @@ benchmark built from models' own answers to them, and the GPU recipes that run t
     python experiment.py DIR --recipe qwen2.5-0.5b [--dry-run]   # the whole pipeline at one scale
 
 - The suite: MATH-500, GSM8K, Minerva, AMC23, OlympiadBench (data.py's specs; `suite:DIR` reads local copies),
-  each evaluated by eval.evaluate (greedy accuracy of the last \\boxed{} answer, math-verify), with the per-item
-  outcomes experiment.py's statistics read. The result's top-level blocks are the unweighted means over the
-  benchmarks (Table 1's "Avg"); `benchmarks` holds each one's own eval.py result.
+  each evaluated by eval.evaluate (greedy accuracy of the last \\boxed{} answer, math-verify) with its per-item
+  outcomes. The result's top-level blocks are the unweighted means over the benchmarks (Table 1's "Avg", what the
+  experiment report's statistics read); `benchmarks` holds each one's own eval.py result.
 - The critique benchmark (§4.1): k responses per question from each model, responses without \\boxed{} dropped,
   questions whose remaining responses are all right or all wrong dropped, one right and one wrong kept per question.
   Rows {benchmark, question, response, label, answer, model, id}: what `--critique-data jsonl:` reads.
@@ -137,6 +137,10 @@ def combine(results):
         items["critique"] += [dict(x, pair=x["pair"] + base, benchmark=name) for x in it["critique"]]
     blocks = {b: _mean_block({n: r.get(b) for n, r in results.items()})
               for b in ("generation", "critique", "selection")}
+    verdicts = [x["verdict"] for x in items["critique"]]
+    if verdicts and blocks["critique"].get("collapsed") is not None:  # one verdict on >= 95% of all the critiques
+        import eval as ev
+        blocks["critique"]["collapsed"] = max(map(verdicts.count, ("right", "wrong"))) / len(verdicts) >= ev.COLLAPSED
     return dict(blocks, items=items)
 
 

@@ -493,6 +493,10 @@ class Trainer:
         self.rank, self.world, self.sharding = acc.process_index, acc.num_processes, sharding(acc)
         self._validate()
         set_seed(a.seed)
+        # every random pick but the question order: sampling, filter, cache, mini-batch order. A nonzero
+        # --sampling-seed-offset redraws all of them and keeps the questions: the A/A control of experiment.py
+        off = a.sampling_seed_offset
+        self.sample_seed = seed_for(a.seed, "sampling", off) if off else a.seed
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
@@ -502,7 +506,7 @@ class Trainer:
         # critique pairs: dynamic = the policy's own fresh responses through the filter and the cache (gc default);
         # static = a set built once from the starting policy (c default; the paper's static-vs-dynamic ablation)
         self.pairs = a.pairs or {"gc": "dynamic", "c": "static"}.get(a.mode)
-        self.cache = critique.QRCache(capacity=CACHE_CAPACITY, seed=seed_for(a.seed, "cache", self.rank),
+        self.cache = critique.QRCache(capacity=CACHE_CAPACITY, seed=seed_for(self.sample_seed, "cache", self.rank),
                                       balanced=a.pair_filter == "balance")
         self.acc_ema = None  # running first-order accuracy E[R(r)] (Eq. 3)
         if a.mode == "sft":
@@ -592,8 +596,9 @@ class Trainer:
             recs = self.records[:a.static_questions] if a.static_questions else self.records
             self.lm().eval()
             with full_weights(self.model, self.acc):
+                seed = seed_for(self.sample_seed, "static", self.rank)
                 pairs = critique.build_static_pairs(self.sampler, self.tok, recs[self.rank::self.world], k=a.static_k,
-                                                    seed=seed_for(a.seed, "static", self.rank), **self.gen_kwargs())
+                                                    seed=seed, **self.gen_kwargs())
             pairs = gather_object(pairs) if self.world > 1 else pairs
             where = f"the starting policy ({len(recs)} questions x {a.static_k} responses)"
             if pairs and acc.is_main_process:
@@ -661,7 +666,7 @@ class Trainer:
             recs = [self.records[i] for i in self.my_share(self.stream.take(a.questions_per_step))]
             t0 = time.perf_counter()
             samples = rollout.first_order_rollout(self.sampler, self.tok, recs, a.num_generations,
-                                                  seed=seed_for(a.seed, step, self.rank, "rollout1"),
+                                                  seed=seed_for(self.sample_seed, step, self.rank, "rollout1"),
                                                   **self.gen_kwargs())
             m.add("time/rollout1", time.perf_counter() - t0)
             # 2. Eq. 1 rewards; the responses are trained in g / gc only (c + dynamic pairs: scored and cached only)
@@ -680,7 +685,7 @@ class Trainer:
             m.add("acc/response_ema", self.acc_ema)  # E[R(r)] of Eq. 3 (the same on every rank)
             # 3. label-balance filter (or --pair-filter random) -> cache (dynamic pairs only)
             if self.pairs == "dynamic":
-                rng = random.Random(seed_for(a.seed, step, self.rank, "balance"))
+                rng = random.Random(seed_for(self.sample_seed, step, self.rank, "balance"))
                 self.cache.push(critique.pairs_from_rollout(samples, recs, rewards, rng, a.pair_filter))
             m.add("time/score", time.perf_counter() - t0)
             self._dump(step, [dict(kind="response", prompt=s["prompt_ids"], text=s["text"], reward=r,
@@ -702,7 +707,8 @@ class Trainer:
                 crits = critique.second_order_rollout(
                     self.sampler, self.tok, pairs, a.critiques_per_pair, scheme=a.critique_reward,
                     p_correct=p_correct, k_ref=a.denoise,
-                    seed=seed_for(a.seed, step, self.rank, "rollout2"), **self.gen_kwargs(critique_turn=True))
+                    seed=seed_for(self.sample_seed, step, self.rank, "rollout2"),
+                    **self.gen_kwargs(critique_turn=True))
                 m.add("time/rollout2", time.perf_counter() - t0)
                 seqs += [dict(c, group=("p", c["pair_index"]), kind="critique") for c in crits]
                 self._critique_metrics(m, crits)
@@ -761,7 +767,7 @@ class Trainer:
         for epoch in range(a.ppo_epochs):
             order = list(range(len(batch)))
             if n_mb > 1:
-                random.Random(seed_for(a.seed, self.step + 1, self.rank, "minibatch", epoch)).shuffle(order)
+                random.Random(seed_for(self.sample_seed, self.step + 1, self.rank, "minibatch", epoch)).shuffle(order)
             chunks = [[batch[i] for i in order[k * mb:(k + 1) * mb]] for k in range(n_mb)]
             # global normalisers of each mini-batch: tokens and sequences, summed over ranks
             norms = self.all_sum([[sum(s["length"] for s in c), len(c)] for c in chunks])
@@ -1093,6 +1099,8 @@ def build_parser():
     g = p.add_argument_group("run")
     g.add_argument("--max-steps", "--steps", type=int, default=20, help="total training steps")
     g.add_argument("--seed", type=int, default=0, help="seed of data order, sampling, filter and cache")
+    g.add_argument("--sampling-seed-offset", type=int, default=0,
+                   help="nonzero: redraw sampling, filter, cache and mini-batch randomness, same question order (A/A)")
     g.add_argument("--eval-every", type=int, default=0, help="greedy eval on --eval-data every N steps (0 = never)")
     g.add_argument("--eval-data", default=None, help="eval SPEC (default: --data, test split)")
     g.add_argument("--eval-limit", type=int, default=64, help="eval questions")

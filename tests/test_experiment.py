@@ -37,6 +37,10 @@ def test_method_table_gives_the_documented_train_commands(tmp_path):
         + ["--out", str(tmp_path / "c-dynamic" / "seed0")] + SIZES
         + ["--save-every", "5", "--resume", "auto", "--beta", "1e-3"])
     assert ex.METHODS["gc-denoise"] == ["--mode", "gc", "--denoise", "1"]
+    # the A/A control: GC-RL's command with the same --seed (question order) and other sampling seeds
+    gc, aa = ex.rl_argv(args, "gc", 3), ex.rl_argv(args, "gc-aa", 3)
+    gc[gc.index("--out") + 1] = str(tmp_path / "gc-aa" / "seed3")
+    assert aa == gc[:4] + ["--sampling-seed-offset", "1"] + gc[4:]
     assert ex.METHODS["gc-precision"][-2:] == ["--critique-reward", "precision"]
     # the cold start: one SFT run, the shared seed; every eval: the same flags and seed
     assert ex.sft_argv(args) == [PY, TRAIN, "--mode", "sft", "--model", "smollm2-135m", "--data",
@@ -48,8 +52,11 @@ def test_method_table_gives_the_documented_train_commands(tmp_path):
         PY, EVAL, "--model", str(tmp_path / "c" / "seed3" / "final"), "--data", "arith:1",
         "--critique-data", f"jsonl:{tmp_path / 'critique_test.jsonl'}", "--limit", "256", "--k", "2",
         "--max-new-tokens", "96", "--critique-max-new-tokens", "128", "--k-ref", "1", "--dtype", "bf16",
-        "--seed", "0", "--batch", "32", "--prompt-style", "plain", "--no-selection", "--label", "c/seed3",
+        "--seed", "0", "--batch", "256", "--prompt-style", "plain", "--no-selection", "--label", "c/seed3",
         "--out", str(out)]
+    # the refinements of the denoised reward: only in the evals of the methods a claim reads it of
+    g_eval = ex.eval_argv(args, tmp_path / "g" / "seed3" / "final", "g/seed3", out)
+    assert g_eval[g_eval.index("--k-ref") + 1] == "0" and "g" not in ex.READS_DENOISED
     # --static-pairs reaches static C-RL only
     (tmp_path / "p.jsonl").write_text("")
     args = parse(tmp_path, "--static-pairs", str(tmp_path / "p.jsonl"))
@@ -201,39 +208,6 @@ def test_launch_logs_output_and_measures_the_child(tmp_path):
     assert text.startswith("\n$ ") and "hello" in text
 
 
-# ----------------------------------------------------------------------------- statistics
-
-
-def test_mean_ci_hand_computed():
-    m, hw = ex.mean_ci([1, 2, 3])
-    assert m == 2 and hw == pytest.approx(4.303 * 1 / math.sqrt(3))
-    assert ex.mean_ci([0.5]) == (0.5, None) and ex.mean_ci([]) == (None, None)
-    m, hw = ex.mean_ci([0.5, 0.7])  # sd = 0.1414, t_{0.975,1} = 12.706
-    assert m == pytest.approx(0.6) and hw == pytest.approx(12.706 * 0.1)
-    xs = [0, 1] * 16  # n = 32: beyond the table, 1.96
-    assert ex.mean_ci(xs)[1] == pytest.approx(1.96 * math.sqrt(32 * 0.25 / 31) / math.sqrt(32))
-    assert ex.mean_ci(xs[:31])[1] == pytest.approx(2.042 * statistics.stdev(xs[:31]) / math.sqrt(31))  # df 30
-
-
-def test_paired_bootstrap_hand_computed():
-    # a constant per-item difference: every resample gives it
-    r = ex.paired_bootstrap({0: [1, 1, 1], 1: [1, 1, 0]}, {0: [0, 0, 0], 1: [0, 0, -1]}, n_boot=200)
-    assert (r["diff"], r["lo"], r["hi"], r["seeds"], r["n_items"]) == (1.0, 1.0, 1.0, [0, 1], 3)
-    # one item, two seeds with differences 1 and 0: resamples give 0, 0.5, 1 (p = 1/4, 1/2, 1/4)
-    r = ex.paired_bootstrap({0: [1], 1: [0], 2: [1]}, {0: [0], 1: [0]}, n_boot=2000, seed=1)
-    assert r["diff"] == 0.5 and r["lo"] == 0.0 and r["hi"] == 1.0 and r["seeds"] == [0, 1]  # seed 2: a only
-    assert ex.paired_bootstrap({0: [1]}, {1: [0]}) is None
-    with pytest.raises(ValueError, match="same number of items"):
-        ex.paired_bootstrap({0: [1, 0]}, {0: [1]})
-    # precision of "right" verdicts: codes 1 = right on a right response, 2 = right on a wrong one
-    import numpy as np
-    assert ex.precision_stat(np.array([[1, 1, 2, 0]]), np.array([[1, 2, 2, 0]])) == pytest.approx(2 / 3 - 1 / 3)
-    assert ex.verdict(dict(lo=0.01, hi=0.2), +1) == "reproduced"
-    assert ex.verdict(dict(lo=-0.2, hi=-0.01), -1) == "reproduced"
-    assert ex.verdict(dict(lo=-0.2, hi=-0.01), +1).startswith("not reproduced")
-    assert ex.verdict(dict(lo=-0.1, hi=0.2), +1) == "inconclusive (CI includes 0)" and ex.verdict(None, 1) == "not run"
-
-
 # ----------------------------------------------------------------------------- the report
 
 
@@ -252,7 +226,8 @@ def test_report_from_hand_written_run_dirs(tmp_path, capsys):
         write(root / "gc" / f"seed{s}" / "eval.json", fake_eval(ten(k), right, denoised=[0.8, 0.7, 0.8, 0.7]))
         rows = [{"step": i + 1, "critic/wrong_rate": w} for i, w in enumerate([[1.0, 0.8, 0.6], [0.9, 0.7, 0.5]][s])]
         write(root / "gc" / f"seed{s}" / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    write(root / "c" / "seed0" / "eval.json", fake_eval(ten(3), wrong, denoised=[0.0, 0.0, 0.0, 0.0]))
+    for s, k in ((0, 3), (1, 4), (2, 5)):
+        write(root / "c" / f"seed{s}" / "eval.json", fake_eval(ten(k), wrong, denoised=[0.0, 0.0, 0.0, 0.0]))
     write(root / "gc" / "seed0" / "run.json", {"train": dict(wall_s=60.0, peak_rss_mib=2048.0, attempts=1),
                                                "eval": dict(wall_s=30.0, peak_rss_mib=1024.0, attempts=1)})
     assert ex.main([str(root), "--report"]) == 0
@@ -265,29 +240,36 @@ def test_report_from_hand_written_run_dirs(tmp_path, capsys):
     # generation greedy: g 0.4/0.5/0.6 -> 50.0 ± 4.303 * 0.1 / sqrt 3; gc 0.5/0.7 of 3 seeds -> 60.0 ± 12.706 * 0.1
     assert rows["G-RL"][0] == "50.0 ± 24.8 (3 seeds)"
     assert rows["GC-RL"][0] == "60.0 ± 127.1 (2/3 seeds; missing 2)"
-    assert rows["C-RL"][0] == "30.0 (1/3 seeds, no CI; missing 1, 2)"  # never averaged as if complete
+    assert rows["C-RL"][0] == "40.0 ± 24.8 (3 seeds)"
     assert rows["w/o RL (cold start)"][0] == "20.0"
     assert rows["GC-RL"][3] == "100.0 ± 0.0 (2/3 seeds; missing 2)"  # critique accuracy
     assert rows["C-RL"][4].startswith("– (0/3 seeds")  # F1 undefined (precision 0)
     assert rows["GC-RL"][6] == "0.750 ± 0.000 (2/3 seeds; missing 2)"  # denoised reward (Table 5)
     claims = {line.split(" | ")[0].strip("| "): line for line in md.splitlines() if "(Table" in line or "(§" in line}
-    gen = claims["GC-RL generates better than G-RL (Table 1)"]
-    assert "| +15.0 |" in gen and "| 0, 1 (10 items) |" in gen  # ((5 - 4) + (7 - 5)) / 2 / 10 on seeds 0, 1
-    crit = claims["GC-RL critiques better than C-RL (Table 1)"]
-    assert "| +100.0 | [+100.0, +100.0] | 0 (4 items) | reproduced |" in crit  # only seed 0 is in both
-    den = claims["GC-RL's denoised critique reward is above C-RL's (Table 5)"]  # item diffs 0.8, 0.7, 0.8, 0.7
-    assert "| +0.750 | [+0.7" in den and den.endswith("| reproduced |")
-    one = claims["C-RL generates better than the cold start (Table 1)"]  # 3 vs 2 of 10: one item apart
-    assert "| +10.0 |" in one and one.endswith("| 0 (10 items) | inconclusive (CI includes 0) |")
+    cols = lambda line: [c.strip() for c in line.strip().strip("|").split(" | ")][3:]  # noqa: E731
+    # per seed, mean [CI], seeds used, verdict, MDE, the paper's effect, seeds for it
+    gen = cols(claims["GC-RL generates better than G-RL (Table 1)"])  # seeds 0, 1: 0.5 - 0.4, 0.7 - 0.5
+    assert gen[:4] == ["+10.0, +20.0", "+15.0 [-48.5, +78.5]", "2: 0, 1 (one method only: 2)",
+                       "too few seeds (2 usable, 3 needed)"]  # 15 +- 12.706 * 0.0707: never a verdict on 2
+    assert gen[5] == "+2.2" and int(gen[6]) > 3  # the paper's Table 1 gain and the seeds this spread needs
+    one = cols(claims["C-RL generates better than the cold start (Table 1)"])  # 3, 4, 5 vs 2 of 10 right
+    assert one[:4] == ["+10.0, +20.0, +30.0", "+20.0 [-4.8, +44.8]", "3: 0, 1, 2", "inconclusive"]
+    assert float(one[4]) > 24.8  # the MDE beside an inconclusive claim: above the CI half-width
+    crit = cols(claims["GC-RL critiques better than C-RL (Table 1)"])
+    assert crit[0] == "+100.0, +100.0" and crit[3].startswith("too few seeds")
+    den = cols(claims["GC-RL's denoised critique reward is above C-RL's (Table 5)"])  # 0.75 on both seeds
+    assert den == ["+0.750, +0.750", "+0.750 [+0.750, +0.750]", "2: 0, 1 (one method only: 2)",
+                   "too few seeds (2 usable, 3 needed)", "–", "+0.019", "–"]  # no spread: no MDE to give
     assert "not run: GC-RL, static pairs" in claims["GC-RL: dynamic pairs beat static ones (critique) (§5.3, Fig. 4)"]
     untested = [line for line in md.splitlines() if line.startswith("Not tested by this grid")][0]
     assert "the filter beats random sampling (generation) (Table 2)" in untested and "Eq. 5 raises" in untested
-    assert "GC-RL critiques better" not in untested
+    assert "GC-RL critiques better" not in untested and "A/A control" in untested
     # static vs dynamic: gc-static is in the grid, so the section is there; its training "wrong" rate columns
     static = md.split("## Static vs dynamic")[1].split("\n## ")[0]
     assert "| GC-RL, static pairs | not run | not run | not run | not run | not run |" in static
     static_gc = [line for line in static.splitlines() if line.startswith("| GC-RL |")][0]
     assert static_gc.endswith("| 95.0 ± 63.5 (2/3 seeds; missing 2) | 55.0 ± 63.5 (2/3 seeds; missing 2) |")
+    assert rows["GC-RL"][-1] == "0/2" and rows["C-RL"][-1] == "0/3" and rows["w/o RL (cold start)"][-1] == "no"
     assert "## Table 2" not in md and "## Reward steering" not in md  # no such method in the grid
     assert "Grid total: 1.5 min" in md and "2.0 GiB" in md
     assert sorted(p.name for p in (root / "plots").iterdir()) == ["static_vs_dynamic.png", "table1.png"]
@@ -340,7 +322,8 @@ def test_tiny_grid_end_to_end(tiny_dir, tmp_path, monkeypatch, capsys):
         assert (run / "final" / "config.json").is_file() and (run / "train.log").is_file()
         res = json.loads((run / "eval.json").read_text())
         assert res["critique"]["n_pairs"] == 4 and len(res["items"]["greedy"]) == 2  # 2 questions, 1 right + 1 wrong
-        assert len(res["items"]["critique"]) == 4 and "denoised" in res["items"]["critique"][0]  # --k-ref 1
+        # --k-ref 1 is asked for, but no claim reads the cold start's or G-RL's denoised reward: no refinements
+        assert len(res["items"]["critique"]) == 4 and "denoised" not in res["items"]["critique"][0]
         rec = json.loads((run / "run.json").read_text())
         assert rec["train"]["rc"] == 0 and rec["train"]["peak_rss_mib"] > 0 and rec["eval"]["wall_s"] > 0
     cfg = json.loads((root / "g" / "seed0" / "train_config.json").read_text())

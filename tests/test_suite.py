@@ -138,6 +138,7 @@ def test_suite_table_numbers_with_a_scripted_model(monkeypatch, tmp_path):
     assert "| scripted | 100.0 | 0.0 | 0.0 | 100.0 | 0.0 | 40.0 |" in table
     assert "| scripted | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 |" in table
     assert res["generation"]["accuracy"] == pytest.approx(0.4) and res["critique"]["accuracy"] == pytest.approx(0.5)
+    assert res["critique"]["collapsed"] is True  # "right" to every critique of every benchmark
     # a benchmark the critique set lacks: its critique cell is null, Avg over the others, marked
     data.write_jsonl(crit, [p for p in data.read_jsonl(crit) if p["benchmark"] != "minerva"])
     res = dict(benchmarks=suite.evaluate_suite(None, None, args, log=lambda *a: None))

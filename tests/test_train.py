@@ -624,3 +624,19 @@ def test_resume_cuts_metrics_back_to_the_checkpoint(tmp_path):
     assert [json.loads(x) for x in path.read_text().splitlines()] == [dict(step=1, loss=0.1), dict(step=2, loss=0.2)]
     train._truncate_jsonl(tmp_path / "absent.jsonl", 2)  # nothing to cut: no file appears
     assert not (tmp_path / "absent.jsonl").exists()
+
+
+def test_sampling_seed_offset_keeps_the_questions_and_redraws_the_samples(monkeypatch, tiny_dir, qspec, tmp_path):
+    """The A/A control of experiment.py (`gc-aa`): the same --seed with --sampling-seed-offset sees the same
+    questions in the same order and samples other responses; offset 0 is the plain run, sample for sample."""
+    hash_rewards(monkeypatch)
+    runs = {}
+    for name, off in (("a", 0), ("b", 0), ("aa", 1)):
+        out = tmp_path / name
+        train.main(base_args(tiny_dir, qspec, out, **{"--mode": "g", "--max-steps": 2, "--max-completion-length": 8,
+                                                       "--sampling-seed-offset": off, "--log-samples": 4}))
+        runs[name] = [json.loads(ln) for ln in (out / "samples.jsonl").read_text().splitlines()]
+    questions = {k: [r["prompt"] for r in rows] for k, rows in runs.items()}
+    texts = {k: [r["text"] for r in rows] for k, rows in runs.items()}
+    assert questions["a"] == questions["b"] == questions["aa"] and len(questions["a"]) == 2 * 2 * 2
+    assert texts["a"] == texts["b"] and texts["a"] != texts["aa"]
