@@ -5,6 +5,11 @@
     gsm8k:PATH       a local GSM8K jsonl (`answer` ends with a `#### x` line)
     jsonl:PATH       any jsonl with `question` / `answer` fields (see `fields=` to rename)
     hf:NAME[:SPLIT]  any HF dataset with `question` / `answer` columns
+The paper's sets (arXiv 2602.22765 §4.1), each from the hub or, with `:PATH`, a local copy in the hub's schema
+(a .jsonl / .json / .parquet file or a dataset dir):
+    dapo[:PATH]           DAPO-Math-17k, deduplicated on the problem, the "Answer: $Answer" wrapper stripped
+    dapo-cold[:PATH]      its 1k cold-start questions; dapo-rl[:PATH] the other ~16.4k (seeded, disjoint)
+    math500, minerva, amc23, olympiadbench [:PATH]   the generation benchmarks; gsm8k (above) is the fifth
 
 Records have string `id`, `question`, `answer` (the gold final answer, e.g. "72"); `arith` records also carry
 `level`, `steps` [(text, value)] and a program `solution` ending in \\boxed{answer}, for teacher.py's cold-start
@@ -16,6 +21,7 @@ import hashlib
 import json
 import os
 import random
+import re
 from pathlib import Path
 
 
@@ -153,21 +159,153 @@ def _records(rows, where, q_field="question", a_field="answer", gsm8k=False, ski
     return out
 
 
-def _hub(name, split, config=None):
+def _dataset(path, split, config=None, **kw):
+    """A `datasets.Dataset`: a hub id (offline: from the HF cache) or a builder ("parquet", "json") with data_files."""
     try:
         import datasets
-        return list(datasets.load_dataset(name, config, split=split))
+        return datasets.load_dataset(path, config, split=split, **kw)
     except Exception as e:  # offline, unknown name, ...: one clear line
-        raise DataError(f"could not load {name!r} split {split!r} from the Hugging Face hub ({type(e).__name__}: "
-                        f"{str(e)[:200]}). Offline? Use a local file: gsm8k:PATH.jsonl or jsonl:PATH") from None
+        where = kw.get("data_files") or "from the Hugging Face hub"
+        raise DataError(f"could not load {path!r} split {split!r} {where} ({type(e).__name__}: {str(e)[:200]}). "
+                        "Offline? Use a local file: gsm8k:PATH.jsonl, jsonl:PATH or NAME:PATH for the paper's sets"
+                        ) from None
 
 
-SPECS = "arith, arith:LEVEL, gsm8k, gsm8k:PATH.jsonl, jsonl:PATH, hf:NAME[:SPLIT]"
+def _rows_of(ds):
+    """The rows of a Dataset as dicts, converted a batch at a time (DAPO's 1.79M rows: one row at a time is slow)."""
+    for batch in ds.iter(batch_size=8192):
+        yield from (dict(zip(batch, vals)) for vals in zip(*batch.values()))
+
+
+def _hub(name, split, config=None):
+    return list(_rows_of(_dataset(name, split, config)))
+
+
+# ----------------------------------------------------------------------------- the paper's sets (arXiv 2602.22765 §4.1)
+
+# name: (hub id, config, split, question field, gold answer field(s), first found)
+PAPER_SETS = {
+    "dapo": ("BytedTsinghua-SIA/DAPO-Math-17k", None, "train", "prompt", ("reward_model.ground_truth", "solution")),
+    "math500": ("HuggingFaceH4/MATH-500", None, "test", "problem", ("answer",)),
+    "minerva": ("math-ai/minervamath", None, "test", "question", ("answer",)),
+    "amc23": ("math-ai/amc23", None, "test", "question", ("answer",)),
+    "olympiadbench": ("Hothan/OlympiadBench", "OE_TO_maths_en_COMP", "train", "question", ("final_answer",)),
+}
+DAPO_COLD = 1000  # the paper's cold-start questions; the rest is the RL set (§4.1: "1k for cold start, 16k for RL")
+DAPO_HEAD = ("Solve the following math problem step by step. The last line of your response should be of the form "
+             "Answer: $Answer (without quotes) where $Answer is the answer to the problem.")
+DAPO_TAIL = 'Remember to put your answer on its own line after "Answer:".'
+
+
+def _dapo_question(prompt):
+    """The problem inside DAPO's prompt (a one-turn chat list, or its content as a string in processed copies),
+    without the "Answer: $Answer" instruction around it: our generation prompt asks for \\boxed{} instead."""
+    if isinstance(prompt, list):
+        prompt = next((m.get("content") for m in reversed(prompt) if isinstance(m, dict) and m.get("role") == "user"),
+                      None)
+    if not isinstance(prompt, str):
+        raise DataError("no user turn with text content in 'prompt'")
+    text = prompt.strip()
+    text = text[len(DAPO_HEAD):].strip() if text.startswith(DAPO_HEAD) else text
+    return text[:-len(DAPO_TAIL)].strip() if text.endswith(DAPO_TAIL) else text
+
+
+def _number_gold(v):
+    """A gold answer as a string; a float that is an integer (AMC23 copies store 27.0) as the integer."""
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    s = str(v).strip()
+    return s[:-2] if re.fullmatch(r"-?\d+\.0", s) else s
+
+
+def _olympiad_gold(v):
+    """OlympiadBench's `final_answer`: a list of (usually one) strings, each often `$...$`, sometimes several
+    answers in one string ("$3$, $5$"): one string, the answers joined by ", ", without the `$` delimiters."""
+    parts = [str(x).strip() for x in (v if isinstance(v, list) else [v]) if str(x).strip()]
+    return re.sub(r"\$+([^$]*)\$+", r"\1", ", ".join(parts)).strip()
+
+
+GOLD = {"amc23": _number_gold, "olympiadbench": _olympiad_gold}
+
+
+def _get(row, key):  # row["a"]["b"] for "a.b"; None if absent or blank
+    for part in key.split("."):
+        row = row.get(part) if isinstance(row, dict) else None
+    return None if row is None or row == [] or (isinstance(row, str) and not row.strip()) else row
+
+
+def _field(row, keys, where):
+    """The first of `keys` present and not blank in the row, else DataError naming them."""
+    v = next((v for v in map(lambda k: _get(row, k), keys) if v is not None), None)
+    if v is None:
+        raise DataError(f"{where}: missing or empty {' / '.join(map(repr, keys))}")
+    return v
+
+
+def _local_rows(path, what):
+    """Rows of a local copy: jsonl read as is (no type coercion, bad lines named); parquet, json or a dataset dir
+    through `datasets`."""
+    p = Path(path)
+    if p.suffix == ".jsonl" or not p.exists():
+        return read_jsonl(p, what)
+    builder = {".parquet": "parquet", ".json": "json"}.get(p.suffix)
+    return list(_rows_of(_dataset(builder, "train", data_files=str(p)) if builder else _dataset(str(p), "train")))
+
+
+def _paper_records(kind, arg, skip_bad=False):
+    """Records of a paper set (`kind` in PAPER_SETS, or dapo-cold / dapo-rl). DAPO: one record per distinct problem
+    (the first row's), a problem whose copies disagree on the gold answer is dropped (counted)."""
+    name = kind.split("-")[0]
+    hub, config, split, q_key, a_keys = PAPER_SETS[name]
+    rows, where = ((_local_rows(arg, kind), arg) if arg else
+                   (_rows_of(_dataset(hub, split, config)), f"{hub}[{split}]"))
+    recs, gold_of, bad, conflicts = [], {}, 0, set()
+    for i, row in enumerate(rows, 1):
+        at = f"{kind}: {where} row {i}"
+        try:
+            if not isinstance(row, dict):
+                raise DataError(f"{at}: expected a JSON object")
+            q = _dapo_question(row.get(q_key)) if name == "dapo" else require_field(row, q_key, at).strip()
+            a = GOLD.get(name, _number_gold)(_field(row, a_keys, at))
+            if not q or not a:
+                raise DataError(f"{at}: empty {'question' if not q else 'gold answer'} after normalisation")
+        except DataError as e:
+            if not skip_bad:
+                raise DataError(str(e) if str(e).startswith(at) else f"{at}: {e}") from None
+            bad += 1
+            continue
+        if name == "dapo" and q in gold_of:
+            conflicts |= {q} if gold_of[q] != a else set()
+            continue
+        gold_of[q] = a
+        rid = next((v for v in map(lambda k: _get(row, k), ("extra_info.index", "unique_id", "id")) if v is not None),
+                   f"{name}-{len(recs)}")
+        recs.append(dict(id=str(rid), question=q, answer=a))
+    if bad or conflicts:
+        print(f"[data] {kind}: skipped {bad} bad row(s); dropped {len(conflicts)} problem(s) whose copies disagree on "
+              "the gold answer")
+    recs = [r for r in recs if r["question"] not in conflicts]
+    if kind in ("dapo-cold", "dapo-rl"):
+        cold, rl = dapo_split(recs)
+        recs = cold if kind == "dapo-cold" else rl
+    return recs
+
+
+def dapo_split(records, n_cold=None):
+    """(cold start, RL): the `n_cold` (default DAPO_COLD) problems first in the order of a hash of their text, and
+    the rest in that order. The same whatever the copy's row order or the seed of a run: disjoint by construction."""
+    n_cold = DAPO_COLD if n_cold is None else n_cold
+    order = sorted(records, key=lambda r: hashlib.sha256(f"dapo-split:{r['question']}".encode()).hexdigest())
+    return order[:n_cold], order[n_cold:]
+
+
+SPECS = ("arith, arith:LEVEL, gsm8k, gsm8k:PATH.jsonl, jsonl:PATH, hf:NAME[:SPLIT], dapo, dapo-cold, dapo-rl, "
+         "math500, minerva, amc23, olympiadbench (each also NAME:PATH)")
 
 
 def load_data(spec, split="train", limit=None, seed=0, skip_bad=False, fields=("question", "answer")):
-    """Records for a data SPEC (module docstring). `split` applies to arith and hub sources; `limit` keeps the
-    first N records (arith generates N, default 1000 train / 200 test)."""
+    """Records for a data SPEC (module docstring). `split` applies to arith, gsm8k and hf: sources (each paper set
+    has its one split); `limit` keeps the first N records (arith generates N, default 1000 train / 200 test)."""
     kind, _, arg = str(spec).partition(":")
     if kind == "arith":
         try:
@@ -180,6 +318,8 @@ def load_data(spec, split="train", limit=None, seed=0, skip_bad=False, fields=("
         recs = _records(rows, where, gsm8k=True, skip_bad=skip_bad)
     elif kind == "jsonl" and arg:
         recs = _records(read_jsonl(arg, spec), arg, *fields, skip_bad=skip_bad)
+    elif kind in PAPER_SETS or kind in ("dapo-cold", "dapo-rl"):
+        recs = _paper_records(kind, arg, skip_bad)
     elif kind == "hf" and arg:
         name, _, sp = arg.partition(":")
         recs = _records(_hub(name, sp or split), f"hf:{name}[{sp or split}]", *fields, skip_bad=skip_bad)
@@ -198,15 +338,21 @@ PROMPT_STYLES = {  # zero-shot; one-shot: one worked example in the program-solu
     "oneshot": ("Example question: Ava has 12 shells. Ava gets 7 more shells. How many shells does Ava have now?\n"
                 "Example solution:\nStep 1: 12 + 7 = 19.\nSo Ava has 19 shells. The answer is \\boxed{{19}}.\n\n"
                 "Question: {question}\nSolve it step by step, then give the final answer as \\boxed{{number}}."),
+    # the Qwen2.5-Math evaluation harness's boxed prompts (its "qwen-boxed" and "qwen25-math-cot"), for base models
+    "qwen-boxed": "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}.",
+    "qwen25-math-cot": "{question}",
 }
+SYSTEM_PROMPTS = {"qwen-boxed": "You are a helpful assistant.",  # a style's system turn (default: the template's)
+                  "qwen25-math-cot": "Please reason step by step, and put your final answer within \\boxed{}."}
 
 
-def chat_ids(tokenizer, user_text):
-    """Token ids of one user turn plus the assistant header (chat template), or `{text}\\nAnswer:` for
-    tokenizers without a template (base models, test tokenizers)."""
-    text = (tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
-                                          add_generation_prompt=True)
-            if getattr(tokenizer, "chat_template", None) else f"{user_text}\nAnswer:")
+def chat_ids(tokenizer, user_text, system=None):
+    """Token ids of one user turn (after a `system` turn if given) plus the assistant header (chat template), or
+    `{text}\\nAnswer:` for tokenizers without a template (base models, test tokenizers)."""
+    turns = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_text}]
+    text = (tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+            if getattr(tokenizer, "chat_template", None) else
+            (f"{system}\n\n" if system else "") + f"{user_text}\nAnswer:")
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -214,4 +360,4 @@ def gen_prompt(tokenizer, question, style="plain"):
     """The generation prompt for one question: token ids, asking for the answer in \\boxed{}."""
     if style not in PROMPT_STYLES:
         raise DataError(f"unknown prompt style {style!r}; styles: {sorted(PROMPT_STYLES)}")
-    return chat_ids(tokenizer, PROMPT_STYLES[style].format(question=question))
+    return chat_ids(tokenizer, PROMPT_STYLES[style].format(question=question), SYSTEM_PROMPTS.get(style))

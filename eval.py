@@ -80,13 +80,20 @@ def generation_metrics(greedy, samples=None):
                 sample_truncation_rate=accuracy(r["truncated"] for r in flat), reason=None)
 
 
+COLLAPSED = 0.95  # a critic that gives one verdict to this share of the critiques has collapsed to it
+
+
 def critique_metrics(crits, pairs, source, c, k_ref=0):
-    """Critique block from second-order rollout outputs (each with `verdict`, `label`, `bonus`, `length`, ...)."""
+    """Critique block from second-order rollout outputs (each with `verdict`, `label`, `bonus`, `length`, ...).
+    `collapsed`: one verdict ("right" or "wrong") on >= COLLAPSED of the critiques: on a 1:1 set such a critic
+    sits at ~50% accuracy whatever it reads, and its precision / recall say little."""
     m = reward.classification_metrics([x["verdict"] for x in crits], [bool(x["label"]) for x in crits])
+    one_verdict = max(m["wrong"], m["tp"] + m["fp"]) / m["n"] if m["n"] else None
     plain = [reward.critique_reward(x["verdict"], bool(x["label"])) for x in crits]
     return dict(source=source, n_pairs=len(pairs), n_right=sum(1 for p in pairs if p["label"]),
                 n_wrong=sum(1 for p in pairs if not p["label"]), samples_per_pair=c, n_critiques=len(crits),
                 **{k: m[k] for k in ("accuracy", "precision", "recall", "f1", "format_rate", "wrong_rate")},
+                collapsed=None if one_verdict is None else one_verdict >= COLLAPSED,
                 reward=mean(plain), k_ref=k_ref,
                 denoised_reward=mean(r + float(x.get("bonus") or 0.0) for r, x in zip(plain, crits)) if k_ref else None,
                 mean_length=mean(x["length"] for x in crits), truncation_rate=accuracy(x["truncated"] for x in crits),
@@ -280,6 +287,9 @@ def load_model(args):
 def run_eval(args):
     """Load the model, evaluate, print every metric, write --out. Returns the result dict."""
     import rollout
+    import suite
+    if suite.is_suite(args.data):  # the paper's five benchmarks, Table 1's layout
+        return suite.run_eval(args)
     model, tok, device = load_model(args)
     res = evaluate(model, tok, args)
     config = {k: v for k, v in vars(args).items() if k not in ("compare", "plot")}
@@ -304,10 +314,11 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     a = p.add_argument
     a("--model", default="smollm2-135m", help="alias, HF id, model dir, checkpoint-STEP dir or train.py run dir")
-    a("--data", default="arith", help=f"data SPEC for generation (arith: its test split): {data.SPECS}")
+    a("--data", default="arith", help=f"data SPEC for generation (arith: its test split): {data.SPECS}; or "
+                                      "suite[:DIR], the paper's five benchmarks (suite.py)")
     a("--split", default="test", help="split for hub specs (gsm8k, hf:NAME without :SPLIT)")
     a("--critique-data", help="critique SPEC: gsm8k-solutions:PATH.jsonl, jsonl:PATH (default: the own --k samples)")
-    a("--limit", type=int, help="questions of --data to evaluate (default 100)")
+    a("--limit", type=int, help="questions of --data to evaluate (default 100; suite: per benchmark, default all)")
     a("--critique-limit", type=int, help="questions of --critique-data (2 pairs each); default all")
     a("--out", help="write the result JSON here")
     a("--label", help="row name in --compare tables (default: the run dir or file name)")

@@ -22,9 +22,10 @@ evals differ only by the model. Resuming: a run whose final/config.json exists i
 checkpoint but no final/ continues with `--resume auto`, an eval whose json exists is skipped; a later
 invocation with more methods or seeds (same sizes; checked against grid.json) runs only what is missing.
 
-Evals pass `--k-ref 1` by default (one refinement per critique): it adds the denoised reward of Table 5
-(arXiv 2602.22765, Appendix B: C-RL vs GC-RL, and the denoising ablation) to every eval and changes no other
-number (refinements are sampled after the critiques, from their own seed). `--k-ref 0` skips it.
+The evals of the methods in READS_DENOISED pass `--k-ref 1` by default (one refinement per critique): it adds the
+denoised reward of Table 5 (arXiv 2602.22765, Appendix B: C-RL vs GC-RL, and the denoising ablation) and changes no
+other number (refinements are sampled after the critiques, from their own seed); the other evals skip it, as no
+claim reads it. `--k-ref 0` skips it everywhere.
 
 The report (report.report -> results.md): cells are mean +- the 95% half-width of Student's t over seeds, with
 the number of seeds; missing seeds are marked, never averaged in as if complete. Each of the paper's claims is a
@@ -34,6 +35,7 @@ contradicted / inconclusive, "too few seeds" below 3, with its minimum detectabl
 """
 import argparse
 import json
+import math
 import os
 import re
 import shlex
@@ -44,6 +46,7 @@ import time
 from pathlib import Path
 
 import data  # light: no torch
+import suite  # light: no torch
 
 HERE = Path(__file__).resolve().parent
 
@@ -93,12 +96,25 @@ def train_sizes(args):
             "--grad-accum", str(args.grad_accum), "--prompt-style", args.prompt_style]
 
 
-def sft_argv(args):
+def train_py(args):
+    """How train.py is started: `python train.py`, or `--launch` (e.g. accelerate launch ... for many GPUs)."""
+    return (shlex.split(args.launch) if args.launch else [sys.executable]) + [str(HERE / "train.py")]
+
+
+def save_every(args, steps):
+    """--save-every, or by default a checkpoint every 5% of the run's steps (a killed run loses at most that), at
+    least 5 steps apart: a CPU step of the demo takes ~20 s, a checkpoint of SmolLM2-135M ~5 s."""
+    return str(args.save_every if args.save_every is not None else max(5, math.ceil(steps / 20)))
+
+
+def sft_argv(args, resume=False):
     root = Path(args.dir)
-    return [sys.executable, str(HERE / "train.py"), "--mode", "sft", "--model", args.model,
-            "--data", f"jsonl:{cold_start_path(args)}", "--out", str(root / "sft"),
-            "--max-steps", str(args.sft_steps), "--questions-per-step", str(args.sft_batch),
-            "--lr", str(args.sft_lr), "--seed", str(args.shared_seed)] + train_sizes(args) + args.train_args
+    return (train_py(args) + ["--mode", "sft", "--model", args.model,
+                              "--data", f"jsonl:{cold_start_path(args)}", "--out", str(root / "sft"),
+                              "--max-steps", str(args.sft_steps), "--questions-per-step", str(args.sft_batch),
+                              "--lr", str(args.sft_lr), "--seed", str(args.shared_seed)] + train_sizes(args)
+            + ["--save-every", save_every(args, args.sft_steps)] + (["--resume", "auto"] if resume else [])
+            + args.train_args)
 
 
 def rl_argv(args, method, seed, resume=False):
@@ -107,17 +123,24 @@ def rl_argv(args, method, seed, resume=False):
     flags = METHODS[method]
     static = (["--static-pairs", args.static_pairs] if args.static_pairs and flags[1] == "c"
               and "dynamic" not in flags else [])
-    return ([sys.executable, str(HERE / "train.py")] + flags
+    return (train_py(args) + flags
             + ["--model", str(root / "sft" / "final"), "--data", args.data, "--limit", str(args.train_limit),
                "--seed", str(seed), "--max-steps", str(args.rl_steps), "--questions-per-step", str(args.questions),
                "--lr", str(args.rl_lr), "--out", str(run_dir(root, method, seed))]
-            + train_sizes(args) + static + (["--resume", "auto"] if resume else []) + args.train_args)
+            + train_sizes(args) + static + ["--save-every", save_every(args, args.rl_steps)]
+            + (["--resume", "auto"] if resume else []) + args.train_args)
 
 
-def eval_flags(args):
+# the methods whose denoised critique reward (Table 5, §5.2) a claim or table of the report reads: only their evals
+# write the refinements it needs (a quarter of an eval's time), the rest pass --k-ref 0
+READS_DENOISED = {"c", "gc", "c-denoise", "gc-denoise"}
+
+
+def eval_flags(args, k_ref=None):
     """eval.py flags shared by every eval (and the critique test set): the same sizes and seed for all."""
     return (["--k", str(args.k), "--max-new-tokens", str(args.max_new_tokens),
-             "--critique-max-new-tokens", str(args.critique_max_new_tokens), "--k-ref", str(args.k_ref),
+             "--critique-max-new-tokens", str(args.critique_max_new_tokens),
+             "--k-ref", str(args.k_ref if k_ref is None else k_ref),
              "--dtype", args.dtype, "--seed", str(args.shared_seed), "--batch", str(args.eval_batch),
              "--prompt-style", args.prompt_style] + ([] if args.selection else ["--no-selection"]))
 
@@ -125,7 +148,8 @@ def eval_flags(args):
 def critique_set_argv(args):
     root = Path(args.dir)
     return [sys.executable, str(HERE / "teacher.py"), "--out", str(root / "critique_test.jsonl"),
-            "--model", str(root / "sft" / "final"), "--data", args.data, "--limit", str(args.critique_questions),
+            "--model", str(root / "sft" / "final"), "--data", args.eval_data or args.data,
+            "--limit", str(args.critique_questions),
             "--k", str(args.k), "--max-new-tokens", str(args.max_new_tokens), "--dtype", args.dtype,
             "--seed", str(args.shared_seed), "--batch", str(args.eval_batch), "--prompt-style", args.prompt_style]
 
@@ -134,14 +158,15 @@ def eval_argv(args, model, label, out, name="eval"):
     """eval.py of one model: `name` eval = --data + the grid's critique test set; eval-gsm8k = the GSM8K files."""
     root = Path(args.dir)
     if name == "eval":
-        data = ["--data", args.data, "--critique-data", f"jsonl:{root / 'critique_test.jsonl'}"]
+        data = ["--data", args.eval_data or args.data, "--critique-data", f"jsonl:{root / 'critique_test.jsonl'}"]
     else:
         g = Path(args.gsm8k_dir)
         data = ["--data", f"gsm8k:{g / 'test_dev.jsonl'}",
                 "--critique-data", f"gsm8k-solutions:{g / 'model_solutions_dev.jsonl'}",
                 "--critique-limit", str(args.critique_questions)]
+    k_ref = args.k_ref if label.split("/")[0] in READS_DENOISED else 0
     return ([sys.executable, str(HERE / "eval.py"), "--model", str(model)] + data + ["--limit", str(args.limit)]
-            + eval_flags(args) + ["--label", label, "--out", str(out)])
+            + eval_flags(args, k_ref) + ["--label", label, "--out", str(out)])
 
 
 def cold_start_path(args):
@@ -179,9 +204,13 @@ def plan(args):
     runs = [(m, seed, run_dir(root, m, seed)) for seed in args.seeds for m in args.methods]
     # the cold start is needed while any RL run or its own eval still has to be made
     sft_done = (sft / "final" / "config.json").is_file() or (evals_done(sft) and all(trained(r) for _, _, r in runs))
-    add("sft train", sft_argv(args), sft_done, sft / "train.log", sft, "train")
+    for pre in suite.pre_steps(args, cold_start_path(args)) if not sft_done else []:  # --teacher: distillation
+        add(**pre)
+    add("sft train", sft_argv(args, resume=not sft_done and _checkpointed(sft)), sft_done, sft / "train.log", sft,
+        "train")
     crit = root / "critique_test.jsonl"
-    add("critique test set", critique_set_argv(args), crit.is_file(), root / "critique_test.log", sft, "critique-set")
+    add("critique test set", suite.critique_set_argv(args) or critique_set_argv(args), crit.is_file(),
+        root / "critique_test.log", sft, "critique-set")
     add_evals("sft", sft / "final", sft)
     if args.with_base:
         add_evals("base", args.model, root / "base")
@@ -265,7 +294,7 @@ def write_cold_start(args, dry_run=False):
     """DIR/cold_start.jsonl: program-written solutions and critiques (teacher.cold_start_data) on the arith
     train questions after the first --train-limit ones (the RL questions), so the two sets are disjoint."""
     path = cold_start_path(args)
-    if path.exists():
+    if path.exists() or args.teacher:  # --teacher: a step of the plan distils it (suite.pre_steps)
         return
     if not str(args.data).startswith("arith"):
         raise ExperimentError(f"--data {args.data}: the cold start's program teacher needs arith data; pass "
@@ -281,7 +310,10 @@ def write_cold_start(args, dry_run=False):
 
 
 # settings that must agree across the invocations on one DIR (the rest: which methods, seeds, rows, report)
-NOT_SETTINGS = {"dir", "methods", "seeds", "with_base", "dry_run", "report", "gsm8k_dir"}
+# (--eval-batch: speed only; the sampler's draws do not depend on its chunking; --save-every, --launch, --recipe: how
+# a run is started and checkpointed, not what it computes)
+NOT_SETTINGS = {"dir", "methods", "seeds", "with_base", "dry_run", "report", "gsm8k_dir", "eval_batch", "save_every",
+                "launch", "recipe"}
 
 
 def update_grid(args, argv):
@@ -290,7 +322,7 @@ def update_grid(args, argv):
     path = Path(args.dir) / "grid.json"
     grid = _read_json(path, {}) or {}
     settings = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
-    old = grid.get("settings")
+    old = {k: v for k, v in grid["settings"].items() if k not in NOT_SETTINGS} if grid.get("settings") else None
     if old is not None and old != settings:
         diff = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} then, {settings.get(k)!r} now"
                          for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k))
@@ -400,22 +432,32 @@ def build_parser():
                    help="test questions of the critique test set (one right + one wrong response each: 2 pairs)")
     g.add_argument("--k", type=int, default=2, help="samples per question (pass@1, maj@k; the critique set's samples)")
     g.add_argument("--k-ref", type=int, default=1, help="refinements per critique for the denoised reward "
-                                                        "(Table 5); 0 = skip")
+                                                        "(Table 5) in the evals of " + ", ".join(sorted(READS_DENOISED))
+                                                        + "; 0 = skip")
     g.add_argument("--selection", action="store_true", help="also run critique-guided best-of-k (k critiques "
                                                             "per question more)")
     g.add_argument("--max-new-tokens", type=int, default=96, help="response budget (train and eval)")
     g.add_argument("--critique-max-new-tokens", type=int, default=128, help="critique budget (train and eval)")
     g.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="bf16", help="eval.py --dtype")
-    g.add_argument("--eval-batch", type=int, default=32, help="eval.py --batch (sampler rows per chunk)")
+    g.add_argument("--eval-batch", type=int, default=256,
+                   help="eval.py --batch (sampler rows at once; speed only, the samples do not depend on it)")
     g.add_argument("--prompt-style", default="plain", help="generation prompt of train and eval (data.PROMPT_STYLES)")
     g.add_argument("--gsm8k-dir", default=None, help="also eval on DIR/test_dev.jsonl + DIR/model_solutions_dev.jsonl")
+    g = p.add_argument_group("long runs")
+    g.add_argument("--save-every", type=int, default=None, help="train.py --save-every (default: every 5%% of a "
+                   "run's steps, at least 5: a killed run loses at most that; rerun the command to resume); 0 = at the "
+                   "end only")
+    g.add_argument("--launch", default=None, help="start train.py with this instead of python, e.g. 'accelerate "
+                   "launch --config_file configs/accelerate/fsdp2.yaml --num_processes 8'")
+    suite.add_experiment_flags(p)
     return p
 
 
 def main(argv=None):
     import report  # it imports this file's tables: imported here, not at the top
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    recipe = build_parser().parse_known_args(argv)[0].recipe  # --recipe: its flags first, so argv's win
+    args = build_parser().parse_args(suite.recipe_argv(recipe, argv) if recipe else argv)
     try:
         if args.gsm8k_dir and not args.report:
             for f in ("test_dev.jsonl", "model_solutions_dev.jsonl"):

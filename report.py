@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import stats
+import suite
 from experiment import EVALS, LABELS, METHODS, _read_json, run_dir
 
 
@@ -256,6 +257,24 @@ def table(rows, cols, evals, expected, extra=None):
     return "\n".join(lines)
 
 
+def collapsed_cell(evals, m):
+    """How many of method m's seeds ended with a collapsed critic (eval.COLLAPSED: one verdict on >= 95% of the
+    pairs), and which: "1/3 (seed 0)"; "yes" / "no" for the one cold start or base model."""
+    def collapsed(res):  # eval.json's flag; evals written before it had one: from the per-item verdicts
+        flag = (res.get("critique") or {}).get("collapsed")
+        verdicts = [x["verdict"] for x in (res.get("items") or {}).get("critique") or []]
+        if flag is None and verdicts:
+            flag = max(verdicts.count("right"), verdicts.count("wrong")) / len(verdicts) >= 0.95
+        return flag
+    flags = {s: f for s, f in ((s, collapsed(r)) for s, r in evals.get(m, {}).items()) if f is not None}
+    if not flags:
+        return "–"
+    if set(flags) == {None}:
+        return "yes" if flags[None] else "no"
+    bad = sorted(s for s, f in flags.items() if f)
+    return f"{len(bad)}/{len(flags)}" + (f" (seed {', '.join(map(str, bad))})" if bad else "")
+
+
 # a metric of the claims -> (eval.json block, key): one number per run, the seed-level score
 SCORES = {"greedy": ("generation", "accuracy"), "critique": ("critique", "accuracy"),
           "wrong": ("critique", "wrong_rate"), "recall": ("critique", "recall"),
@@ -497,7 +516,9 @@ def report(root):
                            for r in g.values())
         cols = TABLE1_COLS + ([DENOISED_COL] if any_denoised else [])
         out += [f"## Table 1 ({data}): the cold start, C-RL, G-RL, GC-RL", "",
-                table(["base", "sft", "c", "g", "gc", "gc-aa"], cols, evals, expected), ""]
+                table(["base", "sft", "c", "g", "gc", "gc-aa"], cols, evals, expected,
+                      {"collapsed critics": lambda m, ev=evals: collapsed_cell(ev, m)}), ""]
+        out += suite.report_tables(evals, ["base", "sft"] + methods, LABELS, stats.mean_ci) if e == "eval" else []
     evals = evals_all["eval"]
     if evals:
         out += ["## The paper's claims: per-seed paired differences", "", STATS_NOTE, "",

@@ -83,17 +83,18 @@ def _rope(x, cos, sin):
     return torch.addcmul(x * cos, torch.cat((x[..., half:], x[..., :half]), dim=-1), sin)
 
 
-def _inverse_cdf(probs, gen, block=256):
+def _inverse_cdf(probs, u, block=256):
     """One sample per row of `probs` (A, V) by inverse CDF in two levels, in fp64: a block of `block` tokens, then a
-    token inside it. Accurate to fp32 rounding (one fp32 cumsum over V would drop tokens below ~1e-7 of the mass),
-    never a zero-probability token, one uniform per row: ~20x faster than torch.multinomial on CPU."""
+    token inside it; `u` (A,) fp64 in [0, 1): each row's uniform. Accurate to fp32 rounding (one fp32 cumsum over V
+    would drop tokens below ~1e-7 of the mass), never a zero-probability token: ~20x faster than torch.multinomial
+    on CPU."""
     A, V = probs.shape
     nb = -(-V // block)
     if nb * block != V:
         probs = F.pad(probs, (0, nb * block - V))
     pb = probs.view(A, nb, block)
     cb = pb.sum(-1).double().cumsum(-1)  # (A, nb): mass up to and including each block
-    u = torch.rand(A, 1, dtype=torch.float64, device=probs.device, generator=gen) * cb[:, -1:]
+    u = u[:, None] * cb[:, -1:]
     b = torch.searchsorted(cb, u, right=True).clamp_(max=nb - 1)  # (A, 1): first block with cdf > u
     lo = torch.where(b > 0, cb.gather(1, (b - 1).clamp(min=0)), 0.0)
     frac = (u - lo) / (cb.gather(1, b) - lo)  # in [0, 1): where u falls inside block b
@@ -120,6 +121,10 @@ def _attention(q, k, v, mask, scale):
 
 
 # ----------------------------------------------------------------------------- the sampler
+
+# prompt tokens per prefill pass: a pass has a fixed cost (~600 small ops) that short prompts do not amortise;
+# beyond ~512 tokens a pass is compute-bound anyway (SmolLM2-135M on a 2-core CPU)
+PREFILL_TOKENS = 512
 
 
 class KVCache:
@@ -311,6 +316,43 @@ class Sampler:
 
         return self._forward(ids, cos[start:end], sin[start:end], attend)
 
+    def _prefill_packed(self, rests, start, rows, cos, sin):
+        """Prefill several prompts in one pass: `rests` (each (P_i,)) at positions start..start+P_i-1 into cache
+        rows rows[i][0]..rows[i][1]-1, after a common prefix already at positions < start of every row. The tokens
+        go packed, each seeing the prefix and its own earlier tokens (a block-causal mask) -> the hidden state of
+        each prompt's last token (n_prompts, hidden)."""
+        c, dev = self.cache, rests[0].device
+        lens = torch.tensor([len(x) for x in rests], device=dev)
+        seg = torch.repeat_interleave(torch.arange(len(rests), device=dev), lens)  # (N,): each token's prompt
+        ends = torch.cumsum(lens, 0)
+        pos = torch.arange(len(seg), device=dev) - (ends - lens)[seg] + start  # (N,) positions
+        # where each token's k/v goes: every row of its prompt, at its position (M = sum of P_i x rows_i entries)
+        n_rows = torch.tensor([r1 - r0 for r0, r1 in rows], device=dev)
+        r0 = torch.tensor([r0 for r0, _ in rows], device=dev)
+        tok_i = torch.repeat_interleave(torch.arange(len(seg), device=dev), n_rows[seg])  # (M,)
+        row_i = r0[seg[tok_i]] + (torch.arange(len(tok_i), device=dev)
+                                  - torch.repeat_interleave(torch.cumsum(n_rows[seg], 0) - n_rows[seg], n_rows[seg]))
+        bounds = list(zip((ends - lens).tolist(), ends.tolist()))
+        kw = dict(scale=self.spec["scale"], enable_gqa=True)
+        masks = [None if start == 0 else  # query p sees keys j <= p: the prefix and its own earlier tokens
+                 torch.arange(start + b - a, device=dev)[None, :] <= torch.arange(start, start + b - a, device=dev)[:, None]
+                 for a, b in bounds]
+
+        def attend(i, q, k, v):  # q (N, Hq, D), k/v (N, Hkv, D)
+            c.k[i, row_i, pos[tok_i]], c.v[i, row_i, pos[tok_i]] = k[tok_i], v[tok_i]
+            # attention prompt by prompt, over its row of the cache, exactly as one prompt per pass would (the
+            # same kernel on the same shapes: a packed pass changes no token); the matmuls around it are shared
+            out = torch.empty_like(q)
+            for (a, b), (r0, _), mask in zip(bounds, rows, masks):
+                qt = q[a:b].transpose(0, 1)[None]  # (1, Hq, P, D)
+                kt, vt = (x[i, r0, :start + b - a].transpose(0, 1)[None] for x in (c.k, c.v))  # (1, Hkv, end, D)
+                o = (F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, **kw) if mask is None else
+                     F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, **kw))
+                out[a:b] = o[0].transpose(0, 1)
+            return out
+
+        return self._forward(torch.cat(rests), cos[pos], sin[pos], attend)[ends - 1]
+
     def _decode(self, tok, cos, sin, share=None):
         """One decode step of the A live rows: token `tok` (A,) goes to position cache.seqlens (A,) of its row, which
         grows by one. `share`: see _share_info (None: plain attention). Returns fp32 logits (A, V)."""
@@ -393,7 +435,7 @@ class Sampler:
                     pmin=int(plen.min()), pmax=int(gplen.max()))
 
     @staticmethod
-    def _sample(logits, temperature, top_p, top_k, gen):
+    def _sample(logits, temperature, top_p, top_k, u):
         """logits (A, V) fp32 -> (tokens (A,), log-probs (A,) fp32): log_softmax(logits / T) of the chosen token,
         before top-k / top-p filtering; greedy (T = 0) reports them at T = 1."""
         if temperature == 0:
@@ -408,7 +450,7 @@ class Sampler:
             p = torch.softmax(srt, -1)
             drop = (p.cumsum(-1) - p) >= top_p
             filt = filt.masked_fill(torch.zeros_like(drop).scatter_(1, idx, drop), -math.inf)
-        tok = _inverse_cdf(probs if filt is logits else torch.softmax(filt, -1), gen)
+        tok = _inverse_cdf(probs if filt is logits else torch.softmax(filt, -1), u())
         return tok, torch.log(probs.gather(1, tok[:, None]))[:, 0]
 
     # -- the API
@@ -426,7 +468,6 @@ class Sampler:
                 raise ValueError(f"prompt length {len(p)} must be in 1..{self.max_len - 1} (Sampler max_len)")
         device = self.model.lm_head.weight.device
         seed = seed if seed is not None else int(torch.randint(0, 2**62, (1,)))  # so torch.manual_seed reproduces it
-        gen = torch.Generator(device=device).manual_seed(seed)
         stop = torch.tensor(sorted(set(stop_ids or [])), dtype=torch.long, device=device)
         self.stats = dict(prefill_s=0.0, decode_s=0.0, tokens=0, rows=len(prompts) * n)
         self.flash = self._use_flash()  # decided once per call, not per decode step
@@ -440,14 +481,16 @@ class Sampler:
             progress(0, len(rows))
         with self._weights():
             for c in range(0, len(rows), per_chunk):
-                out += self._generate_chunk(prompts, rows[c:c + per_chunk], max_new_tokens, temperature, top_p,
-                                            top_k, stop, gen)
+                out += self._generate_chunk(prompts, rows[c:c + per_chunk], c, max_new_tokens, temperature, top_p,
+                                            top_k, stop, seed)
                 if progress:
                     progress(len(out), len(rows))
         return out
 
-    def _generate_chunk(self, prompts, rows, max_new, temperature, top_p, top_k, stop, gen):
-        """Prefill, then decode the chunk's rows (`rows`: the prompt of each) until all have finished."""
+    def _generate_chunk(self, prompts, rows, first, max_new, temperature, top_p, top_k, stop, seed):
+        """Prefill, then decode the chunk's rows (`rows`: the prompt of each; `first`: the call's index of its first
+        row) until all have finished. Row r's t-th token draws the uniform U(seed, t)[r]: the same samples whatever
+        the chunking (--batch) or which rows are still live."""
         device = self.model.lm_head.weight.device
         plen = [len(prompts[p]) for p in rows]
         T = min(self.max_len, max(plen) + max_new)
@@ -460,7 +503,10 @@ class Sampler:
                          self.max_len)
         share = self._share_info(state.group, state.plen, T)
         for t in range(max_new):
-            tok, lp = self._sample(logits, temperature, top_p, top_k, gen)
+            def uniforms(t=t):  # (A,) fp64 of the live rows, drawn only when sampling (not greedy)
+                gen = torch.Generator().manual_seed(hash((seed, t)) & (2**63 - 1))  # tuples of ints: stable hashes
+                return torch.rand(first + len(rows), dtype=torch.float64, generator=gen)[first + state.row].to(device)
+            tok, lp = self._sample(logits, temperature, top_p, top_k, uniforms)
             done = state.record(t, tok, lp, stop)
             if done is not None:  # drop the finished rows from the batch
                 if state.keep(~done) == 0:
@@ -483,8 +529,18 @@ class Sampler:
         common = common if len(spans) > 1 and common >= 16 else 0  # not worth a pass below that
         if common:
             self._prefill(ids[0][:common], 0, (0, len(rows)), cos, sin)
-        last = torch.stack([self._prefill(x[common:], common, (r0, r1), cos, sin)[-1]
-                            for x, (_, r0, r1) in zip(ids, spans)])
+        if any(w is not None for w in self.spec["windows"]):  # sliding windows: one prompt per pass
+            last = torch.stack([self._prefill(x[common:], common, (r0, r1), cos, sin)[-1]
+                                for x, (_, r0, r1) in zip(ids, spans)])
+        else:  # many prompts per pass: a pass over a 30-token prompt costs about what a 500-token one does
+            packs, size = [[]], 0
+            for i, x in enumerate(ids):
+                if packs[-1] and size + len(x) - common > PREFILL_TOKENS:
+                    packs, size = packs + [[]], 0
+                packs[-1].append(i)
+                size += len(x) - common
+            last = torch.cat([self._prefill_packed([ids[i][common:] for i in pack], common,
+                                                   [spans[i][1:] for i in pack], cos, sin) for pack in packs])
         counts = torch.tensor([r1 - r0 for _, r0, r1 in spans], device=device)
         return self._logits(last).repeat_interleave(counts, 0)
 

@@ -1,16 +1,24 @@
-"""The cold-start teacher for `arith` (arXiv 2602.22765 §4): the paper distils GPT-5's critiques into the policy
-before RL; offline, a program plays the teacher. It writes right and wrong solutions (`synth_response`), a
-step-by-step critique of any response that ends in the verifier's verdict (`teacher_critique`), and the SFT file
-that teaches both formats (`cold_start_data`, read by `train.py --mode sft`), and tops up experiment.py's critique
-test set with program-written pairs (`critique_test_set`, this file's CLI). It needs arith's program steps; for
-other data, write {question, response, critique} rows with a stronger model, as the paper does.
+"""The cold-start teachers (arXiv 2602.22765 §4): the paper distils GPT-5's critiques into the policy before RL.
+
+- For `arith`, offline, a program plays the teacher: it writes right and wrong solutions (`synth_response`), a
+  step-by-step critique of any response that ends in the verifier's verdict (`teacher_critique`), and the SFT file
+  that teaches both formats (`cold_start_data`, read by `train.py --mode sft`), and tops up experiment.py's critique
+  test set with program-written pairs (`critique_test_set`, this file's CLI).
+- For any data, a model is the teacher (`distill`, `python teacher.py distill`): it critiques the policy's own
+  sampled responses with the Figure 6 prompt (critique.critique_prompt); only critiques in the `Conclusion:
+  right/wrong [END]` format whose verdict matches the verified label are kept, balanced 1:1 (`distill_rows`; the
+  paper kept 1,339 of 1,885), plus verified right solutions as generation rows.
+
+    python teacher.py distill --model POLICY --teacher TEACHER --data dapo-cold --k 2 --out cold_start.jsonl
 """
 import random
 import re
+import sys
 from fractions import Fraction
+from pathlib import Path
 
 import reward
-from data import DataError, write_jsonl
+from data import DataError, load_data, write_json, write_jsonl
 
 _EQ = re.compile(r"(\d+(?:\.\d+)?)\s*([-+*/x×÷])\s*(\d+(?:\.\d+)?)\s*=\s*(-?\d+(?:\.\d+)?)")
 _OPS = {"+": "+", "-": "-", "*": "*", "x": "*", "×": "*", "/": "/", "÷": "/"}
@@ -198,11 +206,133 @@ def critique_test_set(argv=None):
     return len(pairs)
 
 
+# ----------------------------------------------------------------------------- a model as the teacher, any data
+
+_FORMAT = re.compile(r"^Conclusion:\s*(right|wrong)\s*\[END\]$")
+
+
+def _tidy(text):
+    """A teacher critique, stripped and cut after its last `[END]` (anything after it is not the critique)."""
+    text = (text or "").strip()
+    return text[:text.rfind("[END]") + 5] if "[END]" in text else text
+
+
+def critique_format(text):
+    """"right" / "wrong" if the critique's last line is `Conclusion: right [END]` / `Conclusion: wrong [END]` (the
+    format the cold start teaches, stricter than reward.extract_verdict), else None."""
+    lines = [ln.strip() for ln in _tidy(text).splitlines() if ln.strip()]
+    m = _FORMAT.match(lines[-1]) if lines else None
+    return m.group(1) if m else None
+
+
+def distill_rows(records, samples, critiques, solutions=None, seed=0, generation=True):
+    """The paper's cold-start filter (§4.1: 1,885 critiques distilled, 1,339 kept) on any data. `samples`: (record
+    index, policy response) pairs, `critiques`: the teacher's critique of each, in the same order. Keeps a critique
+    when its format is right (`critique_format`) and its verdict is the response's verified label (reward.is_correct
+    against the record's answer, boxed only), then as many right as wrong: all of the scarcer label, a seeded draw of
+    the other. Generation rows (unless generation=False): per record, the first verified right of `solutions[i]`
+    (e.g. the teacher's) and the policy's responses. Rows shuffled (seeded). Returns (rows, counts)."""
+    if len(samples) != len(critiques):
+        raise ValueError(f"{len(samples)} responses but {len(critiques)} critiques")
+    rng, kept = random.Random(seed), {True: [], False: []}
+    n_format = 0
+    for (i, resp), crit in zip(samples, critiques):
+        verdict, label = critique_format(crit), reward.is_correct(resp, records[i]["answer"], strict=True)
+        n_format += verdict is not None
+        if verdict == ("right" if label else "wrong"):
+            kept[label].append(dict(question=records[i]["question"], response=resp, critique=_tidy(crit), label=label))
+    n = min(len(kept[True]), len(kept[False]))
+    rows = [r for lab in (True, False) for r in rng.sample(kept[lab], n)]
+    gen = []
+    for i, rec in enumerate(records if generation else []):
+        cands = list((solutions or {}).get(i, [])) + [r for j, r in samples if j == i]
+        right = next((c for c in cands if reward.is_correct(c, rec["answer"], strict=True)), None)
+        gen += [dict(question=rec["question"], response=right.strip())] if right else []
+    rows += gen
+    rng.shuffle(rows)
+    counts = dict(critiques=len(critiques), format_ok=n_format, verdict_ok=len(kept[True]) + len(kept[False]),
+                  right=n, wrong=n, kept=2 * n, generation=len(gen))
+    return rows, counts
+
+
+def distill(records, policy_fn, teacher_fn, k=2, seed=0, generation=True):
+    """The distilled cold start: policy_fn(records, k) -> k responses per record; those without \\boxed{} are dropped;
+    teacher_fn([(question, response)], records) -> (a critique of each response, a solution per record or None);
+    then distill_rows. Returns (rows, counts with questions, responses and unboxed added)."""
+    responses = policy_fn(records, k)
+    samples = [(i, t) for i, ts in enumerate(responses) for t in ts if reward.extract_answer(t, ()) is not None]
+    critiques, sols = teacher_fn([(records[i]["question"], t) for i, t in samples], records)
+    solutions = {i: [t] for i, t in enumerate(sols) if t} if sols and generation else None
+    rows, counts = distill_rows(records, samples, critiques, solutions, seed, generation)
+    n_resp = sum(len(ts) for ts in responses)
+    return rows, dict(questions=len(records), responses=n_resp, unboxed=n_resp - len(samples), **counts)
+
+
+def _with_model(args, name, fn):
+    """fn(sampler, tokenizer) with model `name` loaded (eval.py's loading flags), freed afterwards."""
+    import copy
+    import gc
+    import torch
+    import eval as ev
+    import rollout
+    a = copy.copy(args)
+    a.model = name
+    model, tok, _ = ev.load_model(a)
+    try:
+        return fn(rollout.Sampler(model, max_batch=args.batch, max_len=args.max_len), tok)
+    finally:
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def distill_main(argv=None):
+    """CLI: `python teacher.py distill --model POLICY --teacher T --data SPEC --k K --out OUT.jsonl` (eval.py's
+    sampling flags). Writes the SFT rows to OUT.jsonl and the counts to OUT.counts.json; returns the counts."""
+    import critique
+    import eval as ev
+    p = ev.build_parser()
+    p.prog, p.description = "teacher.py distill", distill_main.__doc__.split("\n")[0]
+    p.add_argument("--teacher", required=True, help="the model that writes the critiques (and solutions)")
+    p.add_argument("--no-generation", action="store_true", help="critique rows only (the paper's cold start)")
+    p.set_defaults(k=2)
+    args = p.parse_args(argv)
+    if not args.out:
+        raise DataError("teacher.py distill: --out OUT.jsonl is required")
+    args.max_len = max(args.max_len, 2 * args.max_new_tokens + args.critique_max_new_tokens + 1024)
+    records = load_data(args.data, split="train", limit=args.limit or None, seed=args.seed)
+
+    def policy(recs, k):
+        return _with_model(args, args.model, lambda s, tok: [[o["text"] for o in g] for g in ev.sample_responses(
+            s, tok, args, recs, k, "policy responses", args.temperature, args.seed)])
+
+    def teacher(pairs, recs):
+        def run(s, tok):
+            crit = ev.with_progress("teacher critiques", critique.second_order_rollout, s, tok,
+                                    [dict(question=q, response=r, label=False) for q, r in pairs], 1,
+                                    temperature=0.0, max_new_tokens=args.critique_max_new_tokens, seed=args.seed)
+            sols = None if args.no_generation else [g[0]["text"] for g in ev.sample_responses(
+                s, tok, args, recs, 1, "teacher solutions", 0.0, args.seed)]
+            return [c["text"] for c in crit], sols
+        return _with_model(args, args.teacher, run)
+
+    rows, counts = distill(records, policy, teacher, args.k, args.seed, not args.no_generation)
+    if not counts["kept"]:
+        raise DataError(f"teacher.py distill: no critique passed the filter ({counts}): a stronger --teacher, more "
+                        "--k or --critique-max-new-tokens")
+    write_jsonl(args.out, rows)
+    write_json(Path(args.out).with_suffix(".counts.json"), counts)
+    print(f"[teacher] distilled cold start: kept {counts['verdict_ok']} / {counts['critiques']} teacher critiques "
+          f"(right format and verdict; the paper: 1,339 / 1,885), balanced to {counts['right']} right + "
+          f"{counts['wrong']} wrong, plus {counts['generation']} generation rows -> {args.out}")
+    return counts
+
+
 if __name__ == "__main__":
-    import sys
     import eval as ev
     try:
-        critique_test_set()
+        distill_main(sys.argv[2:]) if sys.argv[1:2] == ["distill"] else critique_test_set()
     except (DataError, ev.EvalError) as e:
         print(f"teacher.py: error: {e}", file=sys.stderr)
         sys.exit(2)

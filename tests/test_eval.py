@@ -128,6 +128,17 @@ def test_critique_metrics_block_with_denoise_bonus():
     assert b["precision"] == 1.0 and b["recall"] == 0.5 and b["format_rate"] == 0.75 and b["wrong_rate"] == 0.5
     assert b["n_right"] == b["n_wrong"] == 1 and b["n_critiques"] == 4 and b["truncation_rate"] == 0.5
     assert ev.critique_metrics(crits, pairs, "x", c=2, k_ref=0)["denoised_reward"] is None
+    assert b["collapsed"] is False  # "wrong" on 2 of 4
+
+
+@pytest.mark.parametrize("n_wrong,n_right,flag", [(19, 1, True), (18, 2, False), (0, 20, True), (1, 19, True),
+                                                 (10, 0, False)])
+def test_collapse_flag_on_hand_made_verdicts(n_wrong, n_right, flag):
+    """A critic giving one verdict to >= 95% of the critiques has collapsed (no verdict counts for neither)."""
+    verdicts = ["wrong"] * n_wrong + ["right"] * n_right + [None] * (20 - n_wrong - n_right)
+    crits = [dict(verdict=v, label=i % 2 == 0, length=1, truncated=False) for i, v in enumerate(verdicts)]
+    assert ev.critique_metrics(crits, [dict(label=True), dict(label=False)], "x", c=10)["collapsed"] is flag
+    assert ev.critique_metrics([], [], "x", c=1)["collapsed"] is None
 
 
 # ----------------------------------------------------------------------------- balanced critique sets
@@ -282,6 +293,30 @@ def test_model_that_never_emits_a_verdict(tiny_dir, tmp_path):
     assert c["n_pairs"] == 4 and c["n_right"] == c["n_wrong"] == 2 and c["reason"] is None
     assert c["format_rate"] == 0.0 and c["accuracy"] == 0.0 and c["precision"] is None and "precision" in c["undefined"]
     assert c["recall"] == 0.0 and c["reward"] == 0.0
+
+
+def test_batch_size_changes_no_outcome(tiny_dir, tmp_path):
+    """--batch is speed only (experiment.py runs evals at 256 rows): the same seed gives the same items and the
+    same per-item outcomes and metrics at 3 rows a chunk as at 64 (samples, critiques and refinements drawn
+    per row, prompts prefilled packed or alone)."""
+    rows = [dict(question=f"What is {i} + 1?", response=f"{i} + 1 = {i + 1 + (j % 2)}. \\boxed{{{i + 1 + (j % 2)}}}",
+                 label=j % 2 == 0, answer=str(i + 1)) for i in range(3) for j in range(2)]
+    crit = tmp_path / "crit.jsonl"
+    crit.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = {}
+    for batch in ("3", "64"):
+        out = tmp_path / f"b{batch}.json"
+        argv = ["--model", str(tiny_dir), "--data", "arith", "--limit", "5", "--k", "3", "--critique-data",
+                f"jsonl:{crit}", "--k-ref", "2", "--critique-samples", "2", "--out", str(out)] + FAST[:4]
+        assert ev.main(argv + ["--batch", batch, "--save-samples", str(tmp_path / f"s{batch}.jsonl")]) == 0
+        res[batch] = json.loads(out.read_text())
+    texts = [[json.loads(x)["text"] for x in (tmp_path / f"s{b}.jsonl").read_text().splitlines()] for b in ("3", "64")]
+    assert texts[0] == texts[1] and len(texts[0]) == 5 + 5 * 3 and len(set(texts[0][5:])) > 5  # really sampled
+    a, b = res["3"], res["64"]
+    assert a["items"] == b["items"] and len(a["items"]["critique"]) == 12 and len(a["items"]["samples"][0]) == 3
+    for block in ("generation", "critique", "selection"):
+        assert a[block] == b[block]
+    assert a["generation"]["mean_length"] > 1 and a["critique"]["n_pairs"] == 6
 
 
 def test_not_a_model_dir(tmp_path, capsys):

@@ -31,10 +31,11 @@ def test_method_table_gives_the_documented_train_commands(tmp_path):
     assert ex.rl_argv(args, "gc-random-reweight", 3) == (
         [PY, TRAIN, "--mode", "gc", "--pair-filter", "random", "--critique-reward", "reweight"] + common
         + ["--seed", "3"] + rest + ["--out", str(tmp_path / "gc-random-reweight" / "seed3")] + SIZES
-        + ["--beta", "1e-3"])
+        + ["--save-every", "5", "--beta", "1e-3"])  # a checkpoint every 5% of the steps, at least 5 apart
     assert ex.rl_argv(args, "c-dynamic", 0, resume=True) == (
         [PY, TRAIN, "--mode", "c", "--pairs", "dynamic"] + common + ["--seed", "0"] + rest
-        + ["--out", str(tmp_path / "c-dynamic" / "seed0")] + SIZES + ["--resume", "auto", "--beta", "1e-3"])
+        + ["--out", str(tmp_path / "c-dynamic" / "seed0")] + SIZES
+        + ["--save-every", "5", "--resume", "auto", "--beta", "1e-3"])
     assert ex.METHODS["gc-denoise"] == ["--mode", "gc", "--denoise", "1"]
     # the A/A control: GC-RL's command with the same --seed (question order) and other sampling seeds
     gc, aa = ex.rl_argv(args, "gc", 3), ex.rl_argv(args, "gc-aa", 3)
@@ -45,14 +46,17 @@ def test_method_table_gives_the_documented_train_commands(tmp_path):
     assert ex.sft_argv(args) == [PY, TRAIN, "--mode", "sft", "--model", "smollm2-135m", "--data",
                                  f"jsonl:{tmp_path / 'cold_start.jsonl'}", "--out", str(tmp_path / "sft"),
                                  "--max-steps", "24", "--questions-per-step", "8", "--lr", "5e-05", "--seed", "0"] \
-        + SIZES + ["--beta", "1e-3"]
+        + SIZES + ["--save-every", "5", "--beta", "1e-3"]
     out = tmp_path / "c" / "seed3" / "eval.json"
     assert ex.eval_argv(args, tmp_path / "c" / "seed3" / "final", "c/seed3", out) == [
         PY, EVAL, "--model", str(tmp_path / "c" / "seed3" / "final"), "--data", "arith:1",
         "--critique-data", f"jsonl:{tmp_path / 'critique_test.jsonl'}", "--limit", "256", "--k", "2",
         "--max-new-tokens", "96", "--critique-max-new-tokens", "128", "--k-ref", "1", "--dtype", "bf16",
-        "--seed", "0", "--batch", "32", "--prompt-style", "plain", "--no-selection", "--label", "c/seed3",
+        "--seed", "0", "--batch", "256", "--prompt-style", "plain", "--no-selection", "--label", "c/seed3",
         "--out", str(out)]
+    # the refinements of the denoised reward: only in the evals of the methods a claim reads it of
+    g_eval = ex.eval_argv(args, tmp_path / "g" / "seed3" / "final", "g/seed3", out)
+    assert g_eval[g_eval.index("--k-ref") + 1] == "0" and "g" not in ex.READS_DENOISED
     # --static-pairs reaches static C-RL only
     (tmp_path / "p.jsonl").write_text("")
     args = parse(tmp_path, "--static-pairs", str(tmp_path / "p.jsonl"))
@@ -265,6 +269,7 @@ def test_report_from_hand_written_run_dirs(tmp_path, capsys):
     assert "| GC-RL, static pairs | not run | not run | not run | not run | not run |" in static
     static_gc = [line for line in static.splitlines() if line.startswith("| GC-RL |")][0]
     assert static_gc.endswith("| 95.0 ± 63.5 (2/3 seeds; missing 2) | 55.0 ± 63.5 (2/3 seeds; missing 2) |")
+    assert rows["GC-RL"][-1] == "0/2" and rows["C-RL"][-1] == "0/3" and rows["w/o RL (cold start)"][-1] == "no"
     assert "## Table 2" not in md and "## Reward steering" not in md  # no such method in the grid
     assert "Grid total: 1.5 min" in md and "2.0 GiB" in md
     assert sorted(p.name for p in (root / "plots").iterdir()) == ["static_vs_dynamic.png", "table1.png"]
@@ -317,7 +322,8 @@ def test_tiny_grid_end_to_end(tiny_dir, tmp_path, monkeypatch, capsys):
         assert (run / "final" / "config.json").is_file() and (run / "train.log").is_file()
         res = json.loads((run / "eval.json").read_text())
         assert res["critique"]["n_pairs"] == 4 and len(res["items"]["greedy"]) == 2  # 2 questions, 1 right + 1 wrong
-        assert len(res["items"]["critique"]) == 4 and "denoised" in res["items"]["critique"][0]  # --k-ref 1
+        # --k-ref 1 is asked for, but no claim reads the cold start's or G-RL's denoised reward: no refinements
+        assert len(res["items"]["critique"]) == 4 and "denoised" not in res["items"]["critique"][0]
         rec = json.loads((run / "run.json").read_text())
         assert rec["train"]["rc"] == 0 and rec["train"]["peak_rss_mib"] > 0 and rec["eval"]["wall_s"] > 0
     cfg = json.loads((root / "g" / "seed0" / "train_config.json").read_text())

@@ -294,7 +294,8 @@ def test_inverse_cdf_sampling_distribution():
     probs = torch.softmax(torch.randn(3, 600) * 2, -1)
     probs[:, 300:] = 0  # never sampled
     probs[:, 5] = 0
-    draws = torch.cat([rollout._inverse_cdf(probs.repeat(500, 1), g).view(500, 3) for _ in range(40)])  # 20000/row
+    draws = torch.cat([rollout._inverse_cdf(probs.repeat(500, 1), torch.rand(1500, dtype=torch.float64, generator=g))
+                       .view(500, 3) for _ in range(40)])  # 20000 per row
     for r in range(3):
         emp = torch.bincount(draws[:, r], minlength=600).float() / draws.shape[0]
         p = probs[r] / probs[r].sum()
@@ -401,6 +402,30 @@ def test_chunks_beyond_max_batch():
     assert [o["prompt_index"] for o in b] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
     c = Sampler(tiny(), max_batch=2).generate(PROMPTS[:1], **kw)  # n > max_batch
     assert [o["tokens"] for o in c] == [o["tokens"] for o in a[:3]]
+
+
+def test_samples_do_not_depend_on_the_chunking():
+    """Row r's t-th token draws the uniform U(seed, t)[r]: sampled rows are the same whatever max_batch (eval.py
+    --batch, train.py --sampler-batch) and whichever other rows are still live; the prompts go packed into one
+    prefill pass or several."""
+    model, kw = tiny(), dict(n=3, max_new_tokens=10, temperature=1.0, seed=7)
+    a = Sampler(model, max_batch=64).generate(PROMPTS, **kw)
+    for b in (Sampler(model, max_batch=4).generate(PROMPTS, **kw), Sampler(model, max_batch=1).generate(PROMPTS, **kw)):
+        assert [o["tokens"] for o in a] == [o["tokens"] for o in b]
+        assert sum((o["logprobs"] for o in a), []) == pytest.approx(sum((o["logprobs"] for o in b), []), abs=1e-5)
+    assert len({tuple(o["tokens"]) for o in a}) > len(PROMPTS)  # really sampled: the n rows of a prompt differ
+    assert [o["tokens"] for o in Sampler(model).generate(PROMPTS, **dict(kw, seed=8))] != [o["tokens"] for o in a]
+
+
+def test_packed_prefill_equals_one_prompt_per_pass(monkeypatch):
+    """Prompts of different lengths packed into one prefill pass (block-causal mask) give the logits and cache of
+    one pass per prompt: the same greedy tokens and log-probs with PREFILL_TOKENS = 1 (every prompt alone)."""
+    model, kw = tiny(), dict(n=2, max_new_tokens=10, temperature=0)
+    packed = Sampler(model).generate(PROMPTS, **kw)
+    monkeypatch.setattr(rollout, "PREFILL_TOKENS", 1)
+    alone = Sampler(model).generate(PROMPTS, **kw)
+    assert [o["tokens"] for o in packed] == [o["tokens"] for o in alone]
+    assert sum((o["logprobs"] for o in packed), []) == pytest.approx(sum((o["logprobs"] for o in alone), []), abs=1e-5)
 
 
 def test_cache_is_reused_and_grows():
