@@ -120,6 +120,79 @@ def _attention(q, k, v, mask, scale):
     return torch.matmul(torch.exp(s - lse[..., None]).to(v.dtype), v), lse
 
 
+def _sample(logits, temperature, top_p, top_k, u):
+    """logits (A, V) fp32 -> (tokens (A,), log-probs (A,) fp32): log_softmax(logits / T) of the chosen token,
+    before top-k / top-p filtering; greedy (T = 0) reports them at T = 1."""
+    if temperature == 0:
+        tok = logits.argmax(-1)
+        return tok, torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0]
+    logits = logits / temperature if temperature != 1 else logits
+    probs, filt = torch.softmax(logits, -1), logits  # (A, V) fp32
+    if 0 < top_k < logits.shape[-1]:
+        filt = filt.masked_fill(filt < torch.topk(logits, top_k, dim=-1).values[:, -1:], -math.inf)
+    if top_p < 1.0:  # keep the smallest prefix (by probability) whose mass reaches top_p
+        srt, idx = torch.sort(filt, dim=-1, descending=True)
+        p = torch.softmax(srt, -1)
+        drop = (p.cumsum(-1) - p) >= top_p
+        filt = filt.masked_fill(torch.zeros_like(drop).scatter_(1, idx, drop), -math.inf)
+    tok = _inverse_cdf(probs if filt is logits else torch.softmax(filt, -1), u())
+    return tok, torch.log(probs.gather(1, tok[:, None]))[:, 0]
+
+
+def _shared_attention(q, kc, vc, masks, share, scale):
+    """A prompt's n rows hold the same prompt KV: their queries (n * G per kv head) attend to one copy at once
+    (4x less KV read at n = 4), each row's own tokens apart, the two softmaxes merged by their log-sum-exps.
+    q (A, Hkv, G, D); kc/vc (A, T', Hkv, D) -> (A, Hkv, G, D)."""
+    _, Hkv, G, D = q.shape
+    ng, nmax, lead, at, Pmin, Pmax = (share[x] for x in ("ng", "nmax", "lead", "at", "pmin", "pmax"))
+    T = Pmin + masks["s"].shape[-1]
+    qg = q.new_zeros(ng * nmax, Hkv, G, D).index_copy_(0, at, q)
+    qg = qg.view(ng, nmax, Hkv, G, D).transpose(1, 2).reshape(ng, Hkv, nmax * G, D)
+    kp, vp = kc[lead, :Pmax].transpose(1, 2), vc[lead, :Pmax].transpose(1, 2)  # (ng, Hkv, Pmax, D)
+    o1, lse1 = _attention(qg, kp, vp, masks["p"], scale)  # (ng, Hkv, nmax * G, D), (ng, Hkv, nmax * G)
+    o1 = o1.view(ng, Hkv, nmax, G, D).transpose(1, 2).reshape(ng * nmax, Hkv, G, D)[at]  # back to rows
+    lse1 = lse1.view(ng, Hkv, nmax, G).transpose(1, 2).reshape(ng * nmax, Hkv, G)[at]
+    o2, lse2 = _attention(q, kc[:, Pmin:T].transpose(1, 2), vc[:, Pmin:T].transpose(1, 2), masks["s"], scale)
+    w1 = torch.sigmoid(lse1 - lse2)[..., None]  # = e^lse1 / (e^lse1 + e^lse2)
+    return torch.lerp(o2.float(), o1.float(), w1).to(q.dtype)  # o2 + w1 (o1 - o2)
+
+
+def _share_groups(group, plen):
+    """The live rows' prompt groups for shared-prompt attention (group (A,): each row's prompt; plen (A,): its
+    length): how many, their rows' slots, a lead row per group; None when every prompt has one row."""
+    uniq, gi, counts = torch.unique(group, return_inverse=True, return_counts=True)
+    nmax, ng = int(counts.max()), len(uniq)
+    if nmax == 1:
+        return None
+    order = torch.argsort(gi, stable=True)
+    first = torch.cumsum(counts, 0) - counts  # index into `order` of each group's first row
+    pos = torch.empty_like(gi)
+    pos[order] = torch.arange(len(gi), device=gi.device) - first[gi[order]]
+    lead = order[first]  # one row per group (its rows all hold the prompt's KV)
+    gplen = plen[lead]
+    if torch.equal(lead, torch.arange(ng, device=lead.device) * nmax):  # e.g. before any row finished:
+        lead = slice(0, ng * nmax, nmax)  # a strided view of the cache instead of a gather
+    return dict(ng=ng, nmax=nmax, lead=lead, at=gi * nmax + pos, gplen=gplen, plen=plen,
+                pmin=int(plen.min()), pmax=int(gplen.max()))
+
+
+def _packed_layout(lengths, rows, start, dev):
+    """Where the tokens of prompts prefilled in one pass go (Sampler._prefill_packed): `lengths` of the prompts
+    (after a common prefix of `start` tokens), `rows` [(r0, r1)] each prompt's cache rows. Returns pos (N,) each
+    packed token's position; tok_i, row_i (M = sum of P_i x rows_i): the token and the cache row of each k/v write
+    (every row of its prompt); bounds [(a, b)] each prompt's slice of the packed tokens; ends (n,) their ends."""
+    lens = torch.tensor(lengths, device=dev)
+    seg = torch.repeat_interleave(torch.arange(len(lengths), device=dev), lens)  # (N,): each token's prompt
+    ends = torch.cumsum(lens, 0)
+    pos = torch.arange(len(seg), device=dev) - (ends - lens)[seg] + start  # (N,) positions
+    n_rows = torch.tensor([r1 - r0 for r0, r1 in rows], device=dev)
+    r0 = torch.tensor([r0 for r0, _ in rows], device=dev)
+    tok_i = torch.repeat_interleave(torch.arange(len(seg), device=dev), n_rows[seg])  # (M,)
+    row_i = r0[seg[tok_i]] + (torch.arange(len(tok_i), device=dev)
+                              - torch.repeat_interleave(torch.cumsum(n_rows[seg], 0) - n_rows[seg], n_rows[seg]))
+    return pos, tok_i, row_i, list(zip((ends - lens).tolist(), ends.tolist())), ends
+
+
 # ----------------------------------------------------------------------------- the sampler
 
 # prompt tokens per prefill pass: a pass has a fixed cost (~600 small ops) that short prompts do not amortise;
@@ -322,21 +395,11 @@ class Sampler:
         go packed, each seeing the prefix and its own earlier tokens (a block-causal mask) -> the hidden state of
         each prompt's last token (n_prompts, hidden)."""
         c, dev = self.cache, rests[0].device
-        lens = torch.tensor([len(x) for x in rests], device=dev)
-        seg = torch.repeat_interleave(torch.arange(len(rests), device=dev), lens)  # (N,): each token's prompt
-        ends = torch.cumsum(lens, 0)
-        pos = torch.arange(len(seg), device=dev) - (ends - lens)[seg] + start  # (N,) positions
-        # where each token's k/v goes: every row of its prompt, at its position (M = sum of P_i x rows_i entries)
-        n_rows = torch.tensor([r1 - r0 for r0, r1 in rows], device=dev)
-        r0 = torch.tensor([r0 for r0, _ in rows], device=dev)
-        tok_i = torch.repeat_interleave(torch.arange(len(seg), device=dev), n_rows[seg])  # (M,)
-        row_i = r0[seg[tok_i]] + (torch.arange(len(tok_i), device=dev)
-                                  - torch.repeat_interleave(torch.cumsum(n_rows[seg], 0) - n_rows[seg], n_rows[seg]))
-        bounds = list(zip((ends - lens).tolist(), ends.tolist()))
+        pos, tok_i, row_i, bounds, ends = _packed_layout([len(x) for x in rests], rows, start, dev)
         kw = dict(scale=self.spec["scale"], enable_gqa=True)
         masks = [None if start == 0 else  # query p sees keys j <= p: the prefix and its own earlier tokens
-                 torch.arange(start + b - a, device=dev)[None, :] <= torch.arange(start, start + b - a, device=dev)[:, None]
-                 for a, b in bounds]
+                 torch.arange(start + b - a, device=dev)[None, :]
+                 <= torch.arange(start, start + b - a, device=dev)[:, None] for a, b in bounds]
 
         def attend(i, q, k, v):  # q (N, Hq, D), k/v (N, Hkv, D)
             c.k[i, row_i, pos[tok_i]], c.v[i, row_i, pos[tok_i]] = k[tok_i], v[tok_i]
@@ -384,7 +447,7 @@ class Sampler:
                 # once per kv head (no repeat_kv). q (A, Hkv, G, D), K/V (A, Hkv, T, D)
                 q = q.view(A, s["n_kv"], -1, s["head_dim"])
                 if share is not None:
-                    return self._shared_attention(q, kc, vc, masks, share).reshape(A, s["n_heads"], -1)
+                    return _shared_attention(q, kc, vc, masks, share, s["scale"]).reshape(A, s["n_heads"], -1)
                 kt, vt = kc[:, :T].transpose(1, 2), vc[:, :T].transpose(1, 2)
                 if q.is_cuda:  # CUDA without flash-attn
                     o = F.scaled_dot_product_attention(q, kt, vt, attn_mask=masks[windows[i]], scale=s["scale"])
@@ -396,62 +459,13 @@ class Sampler:
         c.seqlens = seqlens + 1
         return self._logits(h)
 
-    def _shared_attention(self, q, kc, vc, masks, share):
-        """A prompt's n rows hold the same prompt KV: their queries (n * G per kv head) attend to one copy at once
-        (4x less KV read at n = 4), each row's own tokens apart, the two softmaxes merged by their log-sum-exps.
-        q (A, Hkv, G, D); kc/vc (A, T', Hkv, D) -> (A, Hkv, G, D)."""
-        (_, Hkv, G, D), scale = q.shape, self.spec["scale"]
-        ng, nmax, lead, at, Pmin, Pmax = (share[x] for x in ("ng", "nmax", "lead", "at", "pmin", "pmax"))
-        T = Pmin + masks["s"].shape[-1]
-        qg = q.new_zeros(ng * nmax, Hkv, G, D).index_copy_(0, at, q)
-        qg = qg.view(ng, nmax, Hkv, G, D).transpose(1, 2).reshape(ng, Hkv, nmax * G, D)
-        kp, vp = kc[lead, :Pmax].transpose(1, 2), vc[lead, :Pmax].transpose(1, 2)  # (ng, Hkv, Pmax, D)
-        o1, lse1 = _attention(qg, kp, vp, masks["p"], scale)  # (ng, Hkv, nmax * G, D), (ng, Hkv, nmax * G)
-        o1 = o1.view(ng, Hkv, nmax, G, D).transpose(1, 2).reshape(ng * nmax, Hkv, G, D)[at]  # back to rows
-        lse1 = lse1.view(ng, Hkv, nmax, G).transpose(1, 2).reshape(ng * nmax, Hkv, G)[at]
-        o2, lse2 = _attention(q, kc[:, Pmin:T].transpose(1, 2), vc[:, Pmin:T].transpose(1, 2), masks["s"], scale)
-        w1 = torch.sigmoid(lse1 - lse2)[..., None]  # = e^lse1 / (e^lse1 + e^lse2)
-        return torch.lerp(o2.float(), o1.float(), w1).to(q.dtype)  # o2 + w1 (o1 - o2)
-
     def _share_info(self, group, plen, T):
-        """Bookkeeping for shared-prompt attention over the live rows (group (A,): each one's prompt; plen (A,): its
-        length), or None where it does not apply (CUDA, one row per prompt, a window shorter than T)."""
+        """Bookkeeping for shared-prompt attention over the live rows (`_share_groups`), or None where it does not
+        apply (CUDA, flash-attn, a window shorter than T)."""
         windows = self.spec["windows"]
         if group.is_cuda or self.flash or not self.share_prompts or any(w is not None and w < T for w in windows):
             return None
-        uniq, gi, counts = torch.unique(group, return_inverse=True, return_counts=True)
-        nmax, ng = int(counts.max()), len(uniq)
-        if nmax == 1:
-            return None
-        order = torch.argsort(gi, stable=True)
-        first = torch.cumsum(counts, 0) - counts  # index into `order` of each group's first row
-        pos = torch.empty_like(gi)
-        pos[order] = torch.arange(len(gi), device=gi.device) - first[gi[order]]
-        lead = order[first]  # one row per group (its rows all hold the prompt's KV)
-        gplen = plen[lead]
-        if torch.equal(lead, torch.arange(ng, device=lead.device) * nmax):  # e.g. before any row finished:
-            lead = slice(0, ng * nmax, nmax)  # a strided view of the cache instead of a gather
-        return dict(ng=ng, nmax=nmax, lead=lead, at=gi * nmax + pos, gplen=gplen, plen=plen,
-                    pmin=int(plen.min()), pmax=int(gplen.max()))
-
-    @staticmethod
-    def _sample(logits, temperature, top_p, top_k, u):
-        """logits (A, V) fp32 -> (tokens (A,), log-probs (A,) fp32): log_softmax(logits / T) of the chosen token,
-        before top-k / top-p filtering; greedy (T = 0) reports them at T = 1."""
-        if temperature == 0:
-            tok = logits.argmax(-1)
-            return tok, torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0]
-        logits = logits / temperature if temperature != 1 else logits
-        probs, filt = torch.softmax(logits, -1), logits  # (A, V) fp32
-        if 0 < top_k < logits.shape[-1]:
-            filt = filt.masked_fill(filt < torch.topk(logits, top_k, dim=-1).values[:, -1:], -math.inf)
-        if top_p < 1.0:  # keep the smallest prefix (by probability) whose mass reaches top_p
-            srt, idx = torch.sort(filt, dim=-1, descending=True)
-            p = torch.softmax(srt, -1)
-            drop = (p.cumsum(-1) - p) >= top_p
-            filt = filt.masked_fill(torch.zeros_like(drop).scatter_(1, idx, drop), -math.inf)
-        tok = _inverse_cdf(probs if filt is logits else torch.softmax(filt, -1), u())
-        return tok, torch.log(probs.gather(1, tok[:, None]))[:, 0]
+        return _share_groups(group, plen)
 
     # -- the API
     @torch.inference_mode()
@@ -506,7 +520,7 @@ class Sampler:
             def uniforms(t=t):  # (A,) fp64 of the live rows, drawn only when sampling (not greedy)
                 gen = torch.Generator().manual_seed(hash((seed, t)) & (2**63 - 1))  # tuples of ints: stable hashes
                 return torch.rand(first + len(rows), dtype=torch.float64, generator=gen)[first + state.row].to(device)
-            tok, lp = self._sample(logits, temperature, top_p, top_k, uniforms)
+            tok, lp = _sample(logits, temperature, top_p, top_k, uniforms)
             done = state.record(t, tok, lp, stop)
             if done is not None:  # drop the finished rows from the batch
                 if state.keep(~done) == 0:
