@@ -276,6 +276,7 @@ def load_model(args):
     """(model, tokenizer, device) for --model (rollout.resolve_model: also a checkpoint or train.py run dir), --dtype
     and --device (default: cuda when available)."""
     import torch
+
     import rollout
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -421,7 +421,8 @@ def build_parser():
     g.add_argument("--static-questions", type=int, default=32, help="C-RL: questions for its static pairs")
     g.add_argument("--static-k", type=int, default=4, help="C-RL: responses per question for its static pairs")
     g.add_argument("--static-pairs", default=None, help="C-RL (static) pair set jsonl instead of building it")
-    g.add_argument("--grad-accum", type=int, default=4, help="micro-batches per update, at most (less memory, same update)")
+    g.add_argument("--grad-accum", type=int, default=4,
+                   help="micro-batches per update, at most (less memory, same update)")
     g.add_argument("--mixed-precision", choices=("no", "bf16"), default="bf16", help="train.py --mixed-precision")
     g.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
                    help="everything after this is appended to every train.py call (so it overrides), e.g. "

@@ -139,7 +139,8 @@ def plot_run(run_dir):
         fig.savefig(written[-1], dpi=100)
         plt.close(fig)
     if not written:
-        raise ReportError(f"{run_dir}/metrics.jsonl: none of the plotted metrics ({', '.join(sum(PLOTS.values(), []))}) "
+        names = ", ".join(k for keys in PLOTS.values() for k in keys)
+        raise ReportError(f"{run_dir}/metrics.jsonl: none of the plotted metrics ({names}) "
                         "appear in it")
     return written
 
@@ -422,7 +423,8 @@ CURVES = ["reward/response", "acc/response", "reward/critique", "acc/critique", 
 # one figure per comparison, plots/<name>.png: the Table 1 methods, then each ablation beside its baseline(s)
 PLOT_GROUPS = {"table1": ["g", "c", "gc", "gc-aa"], "filter": ["gc", "gc-random", "gc-random-reweight"],
                "static_vs_dynamic": ["gc", "gc-static", "c", "c-dynamic"],
-               "reward_steering": ["gc", "gc-precision", "gc-recall"], "denoise": ["c", "c-denoise", "gc", "gc-denoise"]}
+               "reward_steering": ["gc", "gc-precision", "gc-recall"],
+               "denoise": ["c", "c-denoise", "gc", "gc-denoise"]}
 
 
 def plot_curves(root, metrics, expected):

@@ -77,8 +77,9 @@ def _critique_by_benchmark(spec):
 def evaluate_suite(model, tok, args, log=print):
     """{name: eval.evaluate result} over the suite's benchmarks with one loaded model; `args` as eval.py parses them
     (--limit: questions per benchmark, 0 / unset = all). --critique-data: its pairs of each benchmark."""
-    import eval as ev
     from tqdm import tqdm
+
+    import eval as ev
     specs = benchmark_specs(args.data)
     pairs = _critique_by_benchmark(args.critique_data) if args.critique_data else None
     results = {}
@@ -289,6 +290,7 @@ def build_critique_bench(argv=None):
 
 def _free_memory():
     import gc
+
     import torch
     gc.collect()
     if torch.cuda.is_available():
@@ -430,7 +432,8 @@ def estimate(name):
     prompt + critique), a micro-batch's activations (layer inputs kept under checkpointing, or ~34 d bytes per token
     and layer without) and its fp32 logits with their gradient."""
     model, gpus, _, sizes, train = RECIPES[name]
-    get = (lambda flags, k, default=None: flags[flags.index(k) + 1] if k in flags else default)
+    def get(flags, k, default=None):
+        return (flags[flags.index(k) + 1] if k in flags else default)
     shape, t = SHAPES[model], MEAN_TOKENS
     d, layers, f, heads, kv, vocab, _ = shape
     n = n_params(shape)

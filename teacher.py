@@ -272,7 +272,9 @@ def _with_model(args, name, fn):
     """fn(sampler, tokenizer) with model `name` loaded (eval.py's loading flags), freed afterwards."""
     import copy
     import gc
+
     import torch
+
     import eval as ev
     import rollout
     a = copy.copy(args)

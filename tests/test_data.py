@@ -17,7 +17,6 @@ def test_arith_records_are_exact_and_reproducible():
     assert len(recs) == 300 and len({r["id"] for r in recs}) == 300
     assert {r["level"] for r in recs} == {1, 2, 3}
     for r in recs:
-        v = None
         for text, value in r["steps"]:  # re-evaluate every step the program wrote
             lhs, rhs = text.split(" = ")
             assert eval(lhs.replace("/", "//")) == int(rhs) == value >= 0
@@ -59,7 +58,8 @@ def test_real_gsm8k_dev_file():
 
 
 def test_jsonl_with_field_names_and_limit(tmp_path):
-    p = write_jsonl(tmp_path / "x.jsonl", [{"id": 7, "problem": "1+1?", "solution": 2}, {"problem": "2+2?", "solution": "4"}])
+    p = write_jsonl(tmp_path / "x.jsonl",
+                    [{"id": 7, "problem": "1+1?", "solution": 2}, {"problem": "2+2?", "solution": "4"}])
     recs = load_data(f"jsonl:{p}", fields=("problem", "solution"))
     assert recs == [{"id": "7", "question": "1+1?", "answer": "2"}, {"id": "x-1", "question": "2+2?", "answer": "4"}]
     assert len(load_data(f"jsonl:{p}", fields=("problem", "solution"), limit=1)) == 1

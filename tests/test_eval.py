@@ -364,8 +364,8 @@ def test_evaluate_wiring_with_a_scripted_model(monkeypatch):
     """evaluate() with the sampler replaced by scripted responses and critiques: every number is hand-known.
     The critic says "right" exactly when the response contains "sure"."""
     import critique
-    import rollout
     import data
+    import rollout
     recs = data.load_data("arith", split="test", limit=2)
     g0, g1 = int(recs[0]["answer"]), int(recs[1]["answer"])
     scripts = {1: [["\\boxed{%d}" % g0], ["no answer"]],  # greedy: q0 right, q1 unanswered

@@ -1,8 +1,6 @@
 """experiment.py: the method table's train.py command lines, resuming a grid, the report from hand-written run
 dirs, the statistics against hand-computed values, and one tiny grid through real subprocesses."""
 import json
-import math
-import statistics
 import sys
 
 import pytest

@@ -52,7 +52,8 @@ def test_dapo_cold_start_and_rl_split(monkeypatch, tmp_path):
     assert {r["question"] for r in cold + rl} == {r["question"] for r in every}
     # the split hangs on the problem text: the same from another copy with its rows in another order, any seed
     shuffled = write(tmp_path / "shuffled.jsonl", rows_of(path)[::-1])
-    qa = (lambda recs: [(r["question"], r["answer"]) for r in recs])  # ids: each copy's first row's
+    def qa(recs):
+        return ([(r["question"], r["answer"]) for r in recs])  # ids: each copy's first row's
     assert qa(load_data(f"dapo-cold:{shuffled}", seed=7)) == qa(cold)
     assert load_data(f"dapo-rl:{FIX / 'dapo' / 'processed.jsonl'}") == rl
     assert [r["question"] for r in load_data(f"dapo-rl:{path}", limit=2)] == [r["question"] for r in rl[:2]]
