@@ -44,8 +44,9 @@ def plan(args, world=1):
         if v < 1:
             raise ConfigError(f"{flag} must be >= 1, got {v}")
     mode, critiques = args.mode, args.mode in ("gc", "c")
-    if mode in ("g", "gc") and args.num_generations < 2 and args.group_mode == "per-prompt":
-        raise ConfigError("--num-generations must be >= 2 for per-prompt GRPO groups (or use --group-mode shared)")
+    if mode in ("g", "gc") and args.num_generations < 2 and args.group_mode != "shared":
+        raise ConfigError(f"--num-generations must be >= 2 for --group-mode {args.group_mode} (a question's "
+                          f"responses are its group; or use --group-mode shared)")
     if args.static_pairs and (mode, args.pairs) not in (("c", None), ("c", "static"), ("gc", "static")):
         raise ConfigError("--static-pairs is for static pairs only (--mode c, or --mode gc --pairs static)")
     if args.resume not in (None, "auto") and not (Path(args.resume) / "trainer_state.json").is_file():
@@ -62,8 +63,30 @@ def plan(args, world=1):
     if critiques and args.pairs_per_step % world:
         raise ConfigError(f"--pairs-per-step {args.pairs_per_step} must be divisible by the number of processes "
                           f"({world})")
+    if critiques and args.group_mode == "question" and args.pairs_per_step % (2 * world):
+        raise ConfigError(f"--pairs-per-step {args.pairs_per_step} with --group-mode question must be divisible by "
+                          f"2 x the number of processes ({2 * world}): a question's two pairs are critiqued together")
+    inert = inert_reward_flags(args)
+    if critiques and inert:
+        raise ConfigError(f"{inert} cannot change any advantage under --group-mode per-prompt with --scale-rewards "
+                          f"true: each critique group holds one pair's critiques, which share its label, so every "
+                          f"reward is 0 or one constant and the constant cancels in (r - mean) / std. Use "
+                          f"--group-mode question (the paper's grouping: a question's responses and the critiques "
+                          f"of its pairs in one group) or shared, or --scale-rewards false")
     return Plan(mode=mode, responses=mode in ("g", "gc") or pairs == "dynamic", train_responses=mode in ("g", "gc"),
                 critiques=critiques, pairs=pairs, pair_filter=args.pair_filter)
+
+
+GROUP_MODES = ("question", "per-prompt", "shared")
+
+
+def inert_reward_flags(args):
+    """The critique-reward flag that no advantage can see: under per-pair groups with std scaling, a reward of 0 or
+    c (one c per pair: the pair's label fixes it) gives A = (x - mean) / (std + eps / c) for x in {0, 1}: c cancels
+    (up to eps), so Eq. 3 / 5 / 6 act exactly as Eq. 2 does. Returns the flag as text, or "" when it can act."""
+    if args.group_mode == "per-prompt" and args.scale_rewards and args.critique_reward != "plain":
+        return f"--critique-reward {args.critique_reward}"
+    return ""
 
 
 def _flag(s):
@@ -129,8 +152,10 @@ def build_parser():
     g.add_argument("--static-questions", type=int, default=0,
                    help="static pairs: questions used to build them (0 = all)")
     g = p.add_argument_group("GRPO loss")
-    g.add_argument("--group-mode", choices=("per-prompt", "shared"), default="per-prompt",
-                   help="per-prompt: a group per question and per pair; shared: all samples of a step in one group")
+    g.add_argument("--group-mode", choices=GROUP_MODES, default="question",
+                   help="question: a group per question, its responses and the critiques of its pairs together "
+                        "(verl's one uid per prompt; the paper's 'mixed into the same group'); per-prompt: a group "
+                        "per question's responses and one per pair's critiques; shared: every sample of a step")
     g.add_argument("--scale-rewards", type=_flag, default=True, metavar="{true,false}",
                    help="divide advantages by the group std (false: Dr. GRPO; TRL's 'group' / 'none' work too)")
     g.add_argument("--loss-type", choices=LOSS_TYPES, default="token-mean",

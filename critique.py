@@ -55,12 +55,16 @@ class QRCache:
     takes balanced lists only; `pop(k)` returns k//2 right and k//2 wrong (fewer if fewer are held), drawn at
     random, interleaved right, wrong, ...; over `capacity` the oldest right and oldest wrong pair go together.
     balanced=False (`--pair-filter random`, Table 2's "random sampling"): any pairs, in one pool (`right`),
-    `pop(k)` draws k among all, oldest-first eviction. `state_dict()` is JSON-serialisable."""
+    `pop(k)` draws k among all, oldest-first eviction. together=True (`--group-mode question`): a question's pairs
+    leave together, so its critique group sees both labels: `pop(k)` draws k//2 questions (balanced: the same indices
+    of both pools, which `push` keeps aligned: right[i] and wrong[i] judge one question). `state_dict()` is JSON-
+    serialisable."""
 
-    def __init__(self, capacity=4096, seed=0, balanced=True):
+    def __init__(self, capacity=4096, seed=0, balanced=True, together=False):
         if capacity < 2:
             raise ValueError(f"QRCache capacity must be >= 2, got {capacity}")
         self.capacity, self.balanced, self.rng = int(capacity), bool(balanced), random.Random(seed)
+        self.together = bool(together)
         self.right, self.wrong = [], []  # in push order, oldest first (balanced=False: all in right)
         self.pushed = self.popped = self.evicted = 0
 
@@ -74,6 +78,9 @@ class QRCache:
         if self.balanced and len(right) != len(wrong):
             raise ValueError(f"QRCache.push needs as many right as wrong pairs (the balance filter's output); "
                              f"got {len(right)} right, {len(wrong)} wrong")
+        if self.balanced and self.together and any(r["question"] != w["question"] for r, w in zip(right, wrong)):
+            raise ValueError("QRCache(together=True).push needs each question's right and wrong pair in the same "
+                             "order (the balance filter's output)")
         self.right += right
         self.wrong += wrong
         self.pushed += len(pairs)
@@ -83,28 +90,40 @@ class QRCache:
                 self.evicted += 1
 
     def _take(self, pool, k):
-        idx = self.rng.sample(range(len(pool)), k)  # random order, no repeats
+        """Remove and return k random pairs of `pool` (or the pairs at the positions k, a list), in draw order."""
+        idx = k if isinstance(k, list) else self.rng.sample(range(len(pool)), k)  # random order, no repeats
         chosen, gone = [pool[i] for i in idx], set(idx)
         pool[:] = [p for i, p in enumerate(pool) if i not in gone]  # keeps push order for eviction
         return chosen
 
     def pop(self, k):
+        k = max(int(k), 0)
         if not self.balanced:
-            chosen = self._take(self.right, min(max(int(k), 0), len(self.right)))
+            if self.together:  # k//2 questions at random, all of each one's pairs
+                units = question_units(self.right)
+                chosen = self._take(self.right, [i for u in self.rng.sample(units, min(k // 2, len(units))) for i in u])
+            else:
+                chosen = self._take(self.right, min(k, len(self.right)))
             self.popped += len(chosen)
             return chosen
-        h = min(max(int(k), 0) // 2, len(self.right))
-        right, wrong = self._take(self.right, h), self._take(self.wrong, h)
+        h = min(k // 2, len(self.right))
+        if self.together:  # the same positions of both pools: each question's right and wrong pair
+            idx = self.rng.sample(range(len(self.right)), h)
+            right, wrong = self._take(self.right, idx), self._take(self.wrong, idx)
+        else:
+            right, wrong = self._take(self.right, h), self._take(self.wrong, h)
         self.popped += 2 * h
         return [p for rw in zip(right, wrong) for p in rw]
 
     def state_dict(self):
         version, internal, gauss = self.rng.getstate()
-        return dict(capacity=self.capacity, balanced=self.balanced, right=list(self.right), wrong=list(self.wrong),
-                    rng=[version, list(internal), gauss], pushed=self.pushed, popped=self.popped, evicted=self.evicted)
+        return dict(capacity=self.capacity, balanced=self.balanced, together=self.together, right=list(self.right),
+                    wrong=list(self.wrong), rng=[version, list(internal), gauss], pushed=self.pushed,
+                    popped=self.popped, evicted=self.evicted)
 
     def load_state_dict(self, state):
         self.capacity, self.balanced = int(state["capacity"]), bool(state.get("balanced", True))
+        self.together = bool(state.get("together", False))
         self.right, self.wrong = [dict(p) for p in state["right"]], [dict(p) for p in state["wrong"]]
         if self.balanced and len(self.right) != len(self.wrong):
             raise ValueError("QRCache state is not balanced (corrupt checkpoint?)")
@@ -116,6 +135,14 @@ class QRCache:
 # ----------------------------------------------------------------------------- first -> second order
 
 PAIR_FILTERS = ("balance", "random")
+
+
+def question_units(pairs):
+    """Positions of `pairs` by question, in first-seen order: [[i, j, ...], ...] (pairs of one question together)."""
+    units = {}
+    for i, p in enumerate(pairs):
+        units.setdefault(p["question"], []).append(i)
+    return list(units.values())
 
 
 def pairs_from_rollout(samples, records, rewards, rng, pair_filter="balance"):

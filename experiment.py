@@ -67,12 +67,16 @@ METHODS = {
     "gc-recall": ["--mode", "gc", "--critique-reward", "recall"],  # §5.4, Eq. 6
     "gc-denoise": ["--mode", "gc", "--denoise", "1"],  # §5.2, Eq. 4 with n = 1 refinement, as in the paper
     "c-denoise": ["--mode", "c", "--denoise", "1"],  # §5.2, Eq. 4 with n = 1 refinement, C-RL
+    # the GRPO grouping as a finding (§3 "mixed into the same group"; the grid's --group-mode is question)
+    "gc-per-prompt": ["--mode", "gc", "--group-mode", "per-prompt"],  # a group per question's responses, per pair
+    "gc-shared": ["--mode", "gc", "--group-mode", "shared"],  # every sample of a step in one group
 }
 LABELS = {"base": "base model", "sft": "w/o RL (cold start)", "c": "C-RL", "g": "G-RL", "gc": "GC-RL",
           "gc-aa": "GC-RL, A/A (other sampling seeds)",
           "gc-random": "GC-RL, random sampling", "gc-random-reweight": "GC-RL, random sampling + reweight",
           "gc-static": "GC-RL, static pairs", "c-dynamic": "C-RL, dynamic pairs", "gc-precision": "GC-RL, Eq. 5",
-          "gc-recall": "GC-RL, Eq. 6", "gc-denoise": "GC-RL, denoised", "c-denoise": "C-RL, denoised"}
+          "gc-recall": "GC-RL, Eq. 6", "gc-denoise": "GC-RL, denoised", "c-denoise": "C-RL, denoised",
+          "gc-per-prompt": "GC-RL, per-pair groups", "gc-shared": "GC-RL, one group per step"}
 EVALS = {"eval": "arith", "eval-gsm8k": "GSM8K dev"}  # eval json name -> what the table calls its data
 
 
@@ -121,6 +125,7 @@ def rl_argv(args, method, seed, resume=False):
     """train.py for one method and seed, from the cold start; --train-args come last so they override."""
     root = Path(args.dir)
     flags = METHODS[method]
+    flags = flags if "--group-mode" in flags else flags + ["--group-mode", args.group_mode]
     static = (["--static-pairs", args.static_pairs] if args.static_pairs and flags[1] == "c"
               and "dynamic" not in flags else [])
     return (train_py(args) + flags
@@ -424,6 +429,8 @@ def build_parser():
     g.add_argument("--grad-accum", type=int, default=4,
                    help="micro-batches per update, at most (less memory, same update)")
     g.add_argument("--mixed-precision", choices=("no", "bf16"), default="bf16", help="train.py --mixed-precision")
+    g.add_argument("--group-mode", choices=("question", "per-prompt", "shared"), default="question",
+                   help="train.py --group-mode of every method that does not set its own (gc-per-prompt, gc-shared)")
     g.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
                    help="everything after this is appended to every train.py call (so it overrides), e.g. "
                         "--train-args --beta 1e-3 (see python train.py --help)")

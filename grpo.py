@@ -91,6 +91,16 @@ def grpo_advantages(rewards, groups, scale=True, eps=1e-4):
     return adv.float(), zero
 
 
+def unanimous_groups(completions):
+    """Per GRPO group holding critiques (`group` set): True when all its critiques gave one verdict. Under per-pair
+    groups such a group has zero spread and gives no gradient: a collapsing critic stops learning."""
+    verdicts = {}
+    for c in completions:
+        if c.kind == "critique":
+            verdicts.setdefault(c.group, set()).add(c.verdict)
+    return [len(v) == 1 for v in verdicts.values()]
+
+
 # ============================================================================ step 7: the loss
 
 LOSS_TYPES = ("token-mean", "seq-mean", "dr-grpo")

@@ -322,6 +322,11 @@ CLAIMS = [
     ("denoising (Eq. 4) improves GC-RL's critique", "gc-denoise", "gc", "critique", +1, "§5.2, Fig. 3", None),
     ("denoising (Eq. 4) improves C-RL's generation", "c-denoise", "c", "greedy", +1, "§5.2, Fig. 3", None),
     ("denoising (Eq. 4) improves C-RL's critique", "c-denoise", "c", "critique", +1, "§5.2, Fig. 3", None),
+    ("question groups (the paper's mixing) beat per-pair groups (generation)", "gc", "gc-per-prompt", "greedy", +1,
+     "§3 grouping", None),
+    ("question groups (the paper's mixing) beat per-pair groups (critique)", "gc", "gc-per-prompt", "critique", +1,
+     "§3 grouping", None),
+    ("question groups beat one group per step (critique)", "gc", "gc-shared", "critique", +1, "§3 grouping", None),
 ]
 
 

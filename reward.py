@@ -329,3 +329,22 @@ def balance(groups, rng):
         if right and wrong:
             out += [(qi, rng.choice(right), True), (qi, rng.choice(wrong), False)]
     return out
+
+
+# ----------------------------------------------------------------------------- a step's metrics
+
+def completion_metrics(metrics, kind, completions):
+    """A phase's per-step metrics: reward, length, truncation; responses: accuracy; critiques: the critic's
+    accuracy, precision / recall ("right" positive, §5.4), "wrong" rate, format rate (as eval.py's)."""
+    metrics.mean_of(f"reward/{kind}", [c.reward for c in completions])
+    if kind == "response":
+        metrics.mean_of("acc/response", [c.reward > 0.5 for c in completions])
+    else:
+        k = classification_metrics([c.verdict for c in completions], [c.label for c in completions])  # counts
+        metrics.add("acc/critique", k["tp"] + k["tn"], k["n"])
+        metrics.add("critic/precision", k["tp"], k["tp"] + k["fp"])
+        metrics.add("critic/recall", k["tp"], k["tp"] + k["fn"])
+        metrics.add("critic/wrong_rate", k["wrong"], k["n"])
+        metrics.add("critic/format_rate", k["formatted"], k["n"])
+    metrics.mean_of(f"len/{kind}", [c.length for c in completions])
+    metrics.mean_of(f"trunc/{kind}", [c.truncated for c in completions])

@@ -94,9 +94,11 @@ class Trainer:
         self.collate = functools.partial(grpo.collate, pad_id=pad_id, device=self.runtime.device,  # Policy's inputs
                                          share=self.share_prompts, windows=grpo.mask_windows(self.lm()))
         self.cache = critique.QRCache(capacity=CACHE_CAPACITY, balanced=args.pair_filter == "balance",
-                                      seed=seed_for(self.sample_seed, "cache", self.runtime.rank))
+                                      seed=seed_for(self.sample_seed, "cache", self.runtime.rank),
+                                      together=args.group_mode == "question")
         self.accuracy_ema = None  # running first-order accuracy E[R(r)] (Eq. 3)
-        self.records = self.examples = self.static_pairs = self.pair_stream = self.eval_records = None
+        self.records = self.examples = self.static_pairs = self.pair_units = self.pair_stream = None
+        self.eval_records = None
         if args.mode == "sft":
             self.examples = sft.examples(args.data, self.tokenizer, args.prompt_style,
                                          max(args.max_completion_length, args.max_critique_length))
@@ -162,7 +164,7 @@ class Trainer:
             rewards = [r.reward for r in responses]
             self.cache.push(critique.pairs_from_rollout(samples, records, rewards, rng, self.plan.pair_filter))
         metrics.add("time/score", time.perf_counter() - t0)
-        completion_metrics(metrics, "response", responses)
+        reward.completion_metrics(metrics, "response", responses)
         self.dump([dict(kind="response", prompt=r.prompt_ids, text=r.text, reward=r.reward,
                         answer=records[r.source]["answer"]) for r in responses[:args.log_samples]])
         return responses
@@ -194,7 +196,7 @@ class Trainer:
         for c, v, r, b in zip(critiques, verdicts, rewards, bonuses):
             c.verdict, c.reward, c.bonus = v, r, b
         metrics.add("time/rollout2", time.perf_counter() - t0)
-        completion_metrics(metrics, "critique", critiques)
+        reward.completion_metrics(metrics, "critique", critiques)
         self.dump([dict(kind="critique", prompt=c.prompt_ids, text=c.text, verdict=c.verdict, label=c.label,
                         reward=c.reward) for c in critiques[:args.log_samples]])
         return critiques
@@ -206,17 +208,20 @@ class Trainer:
             pairs = self.cache.pop(self.args.pairs_per_step // self.runtime.world)
             metrics.add("cache/size", len(self.cache))
             p_correct = self.accuracy_ema
-        else:
-            pairs = [self.static_pairs[i] for i in self.runtime.share(self.pair_stream.take(self.args.pairs_per_step))]
+        else:  # the stream runs over units: single pairs, or (--group-mode question) a question's pairs
+            per_unit = 2 if self.args.group_mode == "question" else 1
+            units = self.runtime.share(self.pair_stream.take(self.args.pairs_per_step // per_unit))
+            pairs = [self.static_pairs[i] for u in units for i in self.pair_units[u]]
             p_correct = sum(p["label"] for p in self.static_pairs) / len(self.static_pairs)
         metrics.mean_of("pairs/right_frac", [bool(p["label"]) for p in pairs])  # label share of the critiqued pairs
         return pairs, p_correct
 
     def group_of(self, completion):
-        """Step 6's GRPO group of a completion, assigned here only. per-prompt: its question's n responses, or its
-        pair's m critiques (on this rank); shared: every completion of the step, all ranks. (A group per question,
-        responses and the critiques of its pairs together, would key on `completion.question`.)"""
-        return "step" if self.args.group_mode == "shared" else (completion.kind, completion.source)
+        """Step 6's GRPO group of a completion, assigned here only (on this rank). question: its question's
+        responses and the critiques of that question's pairs, together; per-prompt: its question's n responses,
+        or its pair's m critiques; shared: every completion of the step, all ranks."""
+        return {"shared": "step", "question": completion.question}.get(self.args.group_mode,
+                                                                        (completion.kind, completion.source))
 
     def advantages(self, batch, metrics):
         """Step 6: each completion's group and advantage; counts frac_reward_zero_std. Returns the completions the
@@ -237,6 +242,7 @@ class Trainer:
             for g, z in zip(groups, zero.tolist()):
                 first.setdefault(g, z)
             metrics.mean_of("frac_reward_zero_std", first.values())
+        metrics.mean_of("critic/unanimous_groups", grpo.unanimous_groups(batch))
         for c, a in zip(batch, adv.tolist()):
             c.advantage = a
         return [c for c, z in zip(batch, zero.tolist()) if not z and not (args.mask_truncated and c.truncated)]
@@ -362,23 +368,6 @@ def evaluate(trainer, metrics):
     metrics.mean_of("eval/len/response", [o["length"] for o in outs])
 
 
-def completion_metrics(metrics, kind, completions):
-    """A phase's per-step metrics: reward, length, truncation; responses: accuracy; critiques: the critic's
-    accuracy, precision / recall ("right" positive, §5.4), "wrong" rate, format rate (as eval.py's)."""
-    metrics.mean_of(f"reward/{kind}", [c.reward for c in completions])
-    if kind == "response":
-        metrics.mean_of("acc/response", [c.reward > 0.5 for c in completions])
-    else:
-        k = reward.classification_metrics([c.verdict for c in completions], [c.label for c in completions])  # counts
-        metrics.add("acc/critique", k["tp"] + k["tn"], k["n"])
-        metrics.add("critic/precision", k["tp"], k["tp"] + k["fp"])
-        metrics.add("critic/recall", k["tp"], k["tp"] + k["fn"])
-        metrics.add("critic/wrong_rate", k["wrong"], k["n"])
-        metrics.add("critic/format_rate", k["formatted"], k["n"])
-    metrics.mean_of(f"len/{kind}", [c.length for c in completions])
-    metrics.mean_of(f"trunc/{kind}", [c.truncated for c in completions])
-
-
 def static_pairs(trainer):
     """Static pairs (C-RL; GC-RL with --pairs static): --static-pairs, else OUT/static_pairs.jsonl (a resumed run),
     else built once from the starting policy (each rank samples a share of the questions) and saved there."""
@@ -447,7 +436,9 @@ def start_run(trainer):
     args, runtime, out = trainer.args, trainer.runtime, trainer.out
     if trainer.plan.pairs == "static":
         trainer.static_pairs = static_pairs(trainer)
-        trainer.pair_stream = Stream(len(trainer.static_pairs), seed_for(args.seed, "pairs"))
+        trainer.pair_units = ([[i] for i in range(len(trainer.static_pairs))] if args.group_mode != "question" else
+                              critique.question_units(trainer.static_pairs))
+        trainer.pair_stream = Stream(len(trainer.pair_units), seed_for(args.seed, "pairs"))
     resume = find_checkpoint(args.resume, out, runtime.print)
     if resume:
         load(trainer, resume)

@@ -27,11 +27,12 @@ def test_method_table_gives_the_documented_train_commands(tmp_path):
     common = ["--model", start, "--data", "arith:1", "--limit", "256"]
     rest = ["--max-steps", "12", "--questions-per-step", "4", "--lr", "5e-06"]
     assert ex.rl_argv(args, "gc-random-reweight", 3) == (
-        [PY, TRAIN, "--mode", "gc", "--pair-filter", "random", "--critique-reward", "reweight"] + common
+        [PY, TRAIN, "--mode", "gc", "--pair-filter", "random", "--critique-reward", "reweight", "--group-mode",
+         "question"] + common
         + ["--seed", "3"] + rest + ["--out", str(tmp_path / "gc-random-reweight" / "seed3")] + SIZES
         + ["--save-every", "5", "--beta", "1e-3"])  # a checkpoint every 5% of the steps, at least 5 apart
     assert ex.rl_argv(args, "c-dynamic", 0, resume=True) == (
-        [PY, TRAIN, "--mode", "c", "--pairs", "dynamic"] + common + ["--seed", "0"] + rest
+        [PY, TRAIN, "--mode", "c", "--pairs", "dynamic", "--group-mode", "question"] + common + ["--seed", "0"] + rest
         + ["--out", str(tmp_path / "c-dynamic" / "seed0")] + SIZES
         + ["--save-every", "5", "--resume", "auto", "--beta", "1e-3"])
     assert ex.METHODS["gc-denoise"] == ["--mode", "gc", "--denoise", "1"]
@@ -40,6 +41,11 @@ def test_method_table_gives_the_documented_train_commands(tmp_path):
     gc[gc.index("--out") + 1] = str(tmp_path / "gc-aa" / "seed3")
     assert aa == gc[:4] + ["--sampling-seed-offset", "1"] + gc[4:]
     assert ex.METHODS["gc-precision"][-2:] == ["--critique-reward", "precision"]
+    # the grouping finding: a method's own --group-mode, else the grid's (--group-mode, default question)
+    assert ex.rl_argv(args, "gc-per-prompt", 3)[2:6] == ["--mode", "gc", "--group-mode", "per-prompt"]
+    assert ex.rl_argv(args, "gc-shared", 3).count("--group-mode") == 1
+    pp = parse(tmp_path, "--group-mode", "per-prompt")
+    assert ex.rl_argv(pp, "gc", 3)[2:6] == ["--mode", "gc", "--group-mode", "per-prompt"]
     # the cold start: one SFT run, the shared seed; every eval: the same flags and seed
     assert ex.sft_argv(args) == [PY, TRAIN, "--mode", "sft", "--model", "smollm2-135m", "--data",
                                  f"jsonl:{tmp_path / 'cold_start.jsonl'}", "--out", str(tmp_path / "sft"),

@@ -590,7 +590,8 @@ def test_gc_static_never_pushes_to_the_cache(monkeypatch, tiny_dir, qspec, tmp_p
     assert not pushes and (out / "static_pairs.jsonl").is_file()
     assert all(r["update/seqs"] == 2 * 2 + 2 * 2 and "cache/size" not in r for r in rows)
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
-    assert state["ranks"][0]["cache"]["right"] == [] and state["pairs"]["pos"] == 4
+    # the static stream runs over questions (--group-mode question: a question's two pairs together): 2 steps x 1
+    assert state["ranks"][0]["cache"]["right"] == [] and state["pairs"]["pos"] == 2
 
 
 def test_phase_plan_of_each_mode():
@@ -624,7 +625,7 @@ def test_training_critic_metrics_are_evals():
     crits = [grpo.Completion(prompt_ids=[1], tokens=[2], kind="critique", verdict=v, label=y)
              for v, y in zip(verdicts, labels)]
     m = runtime.Metrics()
-    train.completion_metrics(m, "critique", crits)
+    reward.completion_metrics(m, "critique", crits)
     got = m.reduce(SimpleNamespace(num_processes=1))
     want = reward.classification_metrics(verdicts, labels)
     assert got["acc/critique"] == want["accuracy"] == 4 / 8  # tp 2 (rows 0, 5), tn 2 (rows 2, 7)

@@ -177,8 +177,9 @@ def advantages(batch, args):
     """Eq. (GRPO): A = (r - mean) / (std + 1e-4) per group (unbiased std; no std with --scale-rewards false);
     groups with equal rewards are left out. Returns the kept completions with their advantage."""
     groups = {}
-    for c in batch:
-        groups.setdefault(0 if args["group_mode"] == "shared" else c["group"], []).append(c)
+    for c in batch:  # question: a question's responses and the critiques of its pairs; per-prompt: c["group"]
+        key = {"shared": 0, "question": re.search(r"What is -?\d+ \+ -?\d+\?", TOK.decode(c["prompt"])).group(0)}
+        groups.setdefault(key.get(args["group_mode"], c["group"]), []).append(c)
     kept = []
     for members in groups.values():
         r = torch.tensor([c["reward"] for c in members], dtype=torch.float64)
@@ -280,7 +281,7 @@ def ref_params(model_dir):
     return _REF[model_dir]
 
 
-GRPO = {"--mode": "gc", "--num-generations": 3, "--critiques-per-pair": 3, "--max-steps": 2,
+GRPO = {"--mode": "gc", "--num-generations": 3, "--critiques-per-pair": 3, "--max-steps": 2, "--questions-per-step": 4,
         "--max-grad-norm": 1e9}  # no clipping: the optimizer sees the raw gradient
 
 
@@ -298,7 +299,7 @@ def grpo_args(argv):
 @pytest.mark.parametrize("accum", [1, 3])
 @pytest.mark.parametrize("share", ["true", "false"])
 def test_grpo_update_is_the_equations(monkeypatch, tiny_dir, qspec, tmp_path, share, accum, loss_type):
-    argv = base_args(tiny_dir, qspec, tmp_path / "run", **GRPO, **{"--share-prompts": share, "--grad-accum": accum,
+    argv = base_args(tiny_dir, qspec, tmp_path / "run", **{**GRPO, "--share-prompts": share, "--grad-accum": accum,
                                                                    "--loss-type": loss_type})
     ranks, rows = run(tmp_path, argv, monkeypatch)
     assert all(r["update/micro_batches"] >= (2 if accum > 1 else 1) for r in rows)
@@ -308,7 +309,7 @@ def test_grpo_update_is_the_equations(monkeypatch, tiny_dir, qspec, tmp_path, sh
 def test_grpo_old_and_reference_logprobs(monkeypatch, tiny_dir, qspec, tmp_path):
     """Two passes over each rollout (old log-probs from before the first, a clip that bites) and a k3 KL to the
     starting policy."""
-    argv = base_args(tiny_dir, qspec, tmp_path / "run", **GRPO, **{"--ppo-epochs": 2, "--beta": 0.1,
+    argv = base_args(tiny_dir, qspec, tmp_path / "run", **{**GRPO, "--ppo-epochs": 2, "--beta": 0.1,
                                                                    "--epsilon": 0.05, "--grad-accum": 2})
     ranks, rows = run(tmp_path, argv, monkeypatch)
     assert all(r["clip_ratio"] > 0 for r in rows)
@@ -320,11 +321,12 @@ def test_grpo_old_and_reference_logprobs(monkeypatch, tiny_dir, qspec, tmp_path)
     {"--critique-reward": "precision"},  # Eq. 5
     {"--critique-reward": "recall", "--denoise": 2},  # Eq. 6 + Eq. 4
     {"--denoise": 1, "--group-mode": "shared"},  # Eq. 2 + Eq. 4, one group for the step
+    {"--critique-reward": "precision", "--group-mode": "per-prompt"},  # Eq. 5 in per-pair critique groups
 ])
 def test_critique_rewards_fed_to_the_loss(monkeypatch, tiny_dir, qspec, tmp_path, over):
     """The rewards each step trains on are those of the equations: without the std (Dr. GRPO) an advantage
     keeps its reward's scale, so the gradient shows a wrong constant, E[R] or bonus."""
-    argv = base_args(tiny_dir, qspec, tmp_path / "run", **GRPO, **{"--scale-rewards": "false", **over})
+    argv = base_args(tiny_dir, qspec, tmp_path / "run", **{**GRPO, "--scale-rewards": "false", **over})
     ranks, rows = run(tmp_path, argv, monkeypatch)
     assert all("reward/critique" in r for r in rows)
     assert check_grpo(tiny_dir, ranks, rows, grpo_args(argv)) < 1e-4
@@ -391,7 +393,7 @@ def test_sft_update_is_cross_entropy(monkeypatch, tiny_dir, tmp_path, share, acc
 def test_two_processes_grpo_is_the_equations(monkeypatch, tiny_dir, qspec, tmp_path):
     """2 ranks, each its own questions, cache and pairs: every rank applies the gradient of the loss over both
     ranks' sequences (global token count), with packed rows in 2 micro-batches."""
-    argv = base_args(tiny_dir, qspec, tmp_path / "run", **GRPO, **{"--questions-per-step": 4, "--pairs-per-step": 4,
+    argv = base_args(tiny_dir, qspec, tmp_path / "run", **{**GRPO, "--questions-per-step": 4, "--pairs-per-step": 4,
                                                                    "--grad-accum": 2, "--loss-type": "token-mean"})
     ranks, rows = run(tmp_path, argv, monkeypatch, processes=2)
     assert check_grpo(tiny_dir, ranks, rows, grpo_args(argv)) < 1e-4
@@ -401,7 +403,7 @@ def test_two_processes_seq_mean_and_sft(monkeypatch, tiny_dir, qspec, tmp_path):
     """seq-mean (global sequence count) unpacked over 2 ranks, and SFT over 2 ranks (global token count)."""
     over = {"--questions-per-step": 4, "--pairs-per-step": 4, "--loss-type": "seq-mean", "--share-prompts": "false",
             "--grad-accum": 3}
-    argv = base_args(tiny_dir, qspec, tmp_path / "run", **GRPO, **over)
+    argv = base_args(tiny_dir, qspec, tmp_path / "run", **{**GRPO, **over})
     ranks, rows = run(tmp_path, argv, monkeypatch, processes=2)
     assert check_grpo(tiny_dir, ranks, rows, grpo_args(argv)) < 1e-4
     ranks, rows = run(tmp_path, sft_argv(tiny_dir, tmp_path, **{"--grad-accum": 2}), monkeypatch, processes=2)
