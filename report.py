@@ -424,12 +424,13 @@ def train_cell(metrics, expected, m, key, which):
     return cell(by_seed, expected.get(m, sorted(by_seed)))
 
 
-CURVES = ["reward/response", "acc/response", "reward/critique", "acc/critique", "critic/wrong_rate"]
+CURVES = ["reward/response", "acc/response", "reward/critique", "acc/critique", "critic/wrong_rate",
+          "critic/unanimous_groups"]
 # one figure per comparison, plots/<name>.png: the Table 1 methods, then each ablation beside its baseline(s)
 PLOT_GROUPS = {"table1": ["g", "c", "gc", "gc-aa"], "filter": ["gc", "gc-random", "gc-random-reweight"],
                "static_vs_dynamic": ["gc", "gc-static", "c", "c-dynamic"],
                "reward_steering": ["gc", "gc-precision", "gc-recall"],
-               "denoise": ["c", "c-denoise", "gc", "gc-denoise"]}
+               "denoise": ["c", "c-denoise", "gc", "gc-denoise"], "grouping": ["gc", "gc-per-prompt", "gc-shared"]}
 
 
 def plot_curves(root, metrics, expected):
@@ -499,6 +500,39 @@ def runs_table(runs):
     return "\n".join(lines), total, peak
 
 
+def ablation_tables(evals, metrics, expected):
+    """The ablation sections of results.md (Table 2, §5.2-5.4, the grouping), each once one of its methods ran."""
+    gen_crit = [TABLE1_COLS[0], TABLE1_COLS[1], TABLE1_COLS[3], TABLE1_COLS[4], TABLE1_COLS[5]]
+    sections = [
+        ("Table 2: the data filter vs random sampling vs random sampling + reweight (Eq. 3)",
+         ["gc", "gc-random", "gc-random-reweight"], gen_crit, None),
+        ("Static vs dynamic critique data (§5.3): C-RL on its own fresh pairs is the reward-hacking setting; "
+         "its training \"wrong\" rate (critic/wrong_rate) is the signal",
+         ["gc", "gc-static", "c", "c-dynamic"],
+         [TABLE1_COLS[0], TABLE1_COLS[3], TABLE1_COLS[5]],
+         {f'train "wrong" rate, {w} step': (lambda m, w=w: train_cell(metrics, expected, m, "critic/wrong_rate", w))
+          for w in ("first", "last")}),
+        ("Reward steering (§5.4): Eq. 5 should raise precision, Eq. 6 recall (\"right\" is the positive class)",
+         ["gc", "gc-precision", "gc-recall"],
+         [("precision", "critique", "precision", True), ("recall", "critique", "recall", True),
+          TABLE1_COLS[4], TABLE1_COLS[3]], None),
+        ("Denoising (§5.2, Eq. 4, n = 1 refinement) and the denoised reward of Table 5 (evals with --k-ref 1)",
+         ["c", "c-denoise", "gc", "gc-denoise"], [TABLE1_COLS[0], TABLE1_COLS[3], DENOISED_COL], None),
+        ("GRPO grouping (§3, \"mixed into the same group\"): a question's responses and its pairs' critiques in one "
+         "group (GC-RL, the default) vs a group per pair vs one per step; a critic that gives one verdict to >= 95% "
+         "of the pairs is collapsed; critic/unanimous_groups: the share of critique groups whose verdicts all agree",
+         ["gc", "gc-per-prompt", "gc-shared"], [TABLE1_COLS[0], TABLE1_COLS[3], TABLE1_COLS[5]],
+         {"collapsed critics": lambda m: collapsed_cell(evals, m),
+          "unanimous critique groups, last step": lambda m: train_cell(metrics, expected, m,
+                                                                        "critic/unanimous_groups", "last")}),
+    ]
+    out = []
+    for title, rows, cols, extra_cols in sections:
+        if any(m in expected for m in rows if m not in ("c", "g", "gc")):  # shown once an ablation is in
+            out += [f"## {title}", "", table(rows, cols, evals, expected, extra_cols), ""]
+    return out
+
+
 def report(root):
     """DIR/results.md and DIR/plots/*.png from whatever the grid has finished. Returns the markdown."""
     root = Path(root)
@@ -532,26 +566,7 @@ def report(root):
                 claims_table(evals, methods), ""]
         if evals_all["eval-gsm8k"]:  # the two headline claims again on the GSM8K evals
             out += ["On GSM8K dev:", "", claims_table(evals_all["eval-gsm8k"], methods, CLAIMS[:2]), ""]
-        gen_crit = [TABLE1_COLS[0], TABLE1_COLS[1], TABLE1_COLS[3], TABLE1_COLS[4], TABLE1_COLS[5]]
-        sections = [
-            ("Table 2: the data filter vs random sampling vs random sampling + reweight (Eq. 3)",
-             ["gc", "gc-random", "gc-random-reweight"], gen_crit, None),
-            ("Static vs dynamic critique data (§5.3): C-RL on its own fresh pairs is the reward-hacking setting; "
-             "its training \"wrong\" rate (critic/wrong_rate) is the signal",
-             ["gc", "gc-static", "c", "c-dynamic"],
-             [TABLE1_COLS[0], TABLE1_COLS[3], TABLE1_COLS[5]],
-             {f'train "wrong" rate, {w} step': (lambda m, w=w: train_cell(metrics, expected, m, "critic/wrong_rate", w))
-              for w in ("first", "last")}),
-            ("Reward steering (§5.4): Eq. 5 should raise precision, Eq. 6 recall (\"right\" is the positive class)",
-             ["gc", "gc-precision", "gc-recall"],
-             [("precision", "critique", "precision", True), ("recall", "critique", "recall", True),
-              TABLE1_COLS[4], TABLE1_COLS[3]], None),
-            ("Denoising (§5.2, Eq. 4, n = 1 refinement) and the denoised reward of Table 5 (evals with --k-ref 1)",
-             ["c", "c-denoise", "gc", "gc-denoise"], [TABLE1_COLS[0], TABLE1_COLS[3], DENOISED_COL], None),
-        ]
-        for title, rows, cols, extra_cols in sections:
-            if any(m in expected for m in rows if m not in ("c", "g", "gc")):  # shown once an ablation is in
-                out += [f"## {title}", "", table(rows, cols, evals, expected, extra_cols), ""]
+        out += ablation_tables(evals, metrics, expected)
     plots = plot_curves(root, metrics, expected)
     if plots:
         out += ["## Training curves", "", f"{', '.join(CURVES)} per step from each run's metrics.jsonl; mean over "

@@ -19,8 +19,10 @@ One GC-RL step (arXiv 2602.22765 §3, Figure 2) is `Trainer.rl_step`, top to bot
      --critique-reward: Eq. 3 / 5 / 6; --denoise K: + the Eq. 4 bonus     (critique.sample_refinements)
      of K self-corrections)
   update (`update`)
-  6. GRPO advantages per group, A = (r - mean) / (std + eps); groups      grpo.grpo_advantages
-     with equal rewards get A = 0, are counted, and left out of the loss
+  6. GRPO advantages per group (default: a question's responses and the  grpo.grpo_advantages
+     critiques of its pairs, §3 "mixed into the same group"), A = (r -    (groups: Trainer.group_of)
+     mean) / (std + eps); groups with equal rewards get A = 0, are
+     counted, and left out of the loss
   7. ONE clipped-ratio loss over responses and critiques together (+ k3   grpo.grpo_loss
      KL to the starting policy): per micro-batch a forward and backward,  Trainer.optimizer_update
      then one clip and one optimizer step
@@ -220,8 +222,10 @@ class Trainer:
         """Step 6's GRPO group of a completion, assigned here only (on this rank). question: its question's
         responses and the critiques of that question's pairs, together; per-prompt: its question's n responses,
         or its pair's m critiques; shared: every completion of the step, all ranks."""
-        return {"shared": "step", "question": completion.question}.get(self.args.group_mode,
-                                                                        (completion.kind, completion.source))
+        mode = self.args.group_mode
+        if mode == "question":
+            return completion.question
+        return "step" if mode == "shared" else (completion.kind, completion.source)
 
     def advantages(self, batch, metrics):
         """Step 6: each completion's group and advantage; counts frac_reward_zero_std. Returns the completions the
