@@ -43,8 +43,11 @@ GRID := --rl-steps $(RL_STEPS) --limit $(LIMIT) --critique-questions $(CRITIQUE_
 
 DEMO ?= runs/demo
 DEMO_STEPS ?= 10
+# DEMO_SEEDS=0,1,2,3,4,5,6,7 DEMO=runs/demo-seeds: the demo's settings over 8 seeds (collapsed critics per seed in
+# its results.md)
+DEMO_SEEDS ?= 0
 demo: setup  ## the main job: base -> cold start -> GC-RL, before/after table (runs/demo/results.md). CPU, ~12 min
-	$(BIN)/python experiment.py $(DEMO) --methods gc --seeds 0 --with-base --rl-steps $(DEMO_STEPS) --limit 32 \
+	$(BIN)/python experiment.py $(DEMO) --methods gc --seeds $(DEMO_SEEDS) --with-base --rl-steps $(DEMO_STEPS) --limit 32 \
 	  --critique-questions 32 --k-ref 0 $(CPU_RUN) $(CPU_TRAIN)
 
 test: setup  ## ruff (ruff.toml: 120 columns), then the test suite: CPU, offline

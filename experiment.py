@@ -191,13 +191,15 @@ def plan(args):
     evals = ["eval"] + (["eval-gsm8k"] if args.gsm8k_dir else [])
     steps = []
 
-    def add(name, argv, done, log, run, key):
-        steps.append(dict(name=name, argv=argv, done=done, log=Path(log), record=Path(run) / "run.json", key=key))
+    def add(name, argv, done, log, run, key, prune=None):
+        steps.append(dict(name=name, argv=argv, done=done, log=Path(log), record=Path(run) / "run.json", key=key,
+                          prune=prune))
 
     def add_evals(tag, model, run):
         for e in evals:
             out = Path(run) / f"{e}.json"
-            add(f"{tag} {e}", eval_argv(args, model, tag, out, e), out.is_file(), Path(run) / f"{e}.log", run, e)
+            add(f"{tag} {e}", eval_argv(args, model, tag, out, e), out.is_file(), Path(run) / f"{e}.log", run, e,
+                prune=Path(run) if e == evals[-1] and run != root / "base" else None)
 
     def evals_done(run):
         return all((Path(run) / f"{e}.json").is_file() for e in evals)
@@ -354,6 +356,7 @@ def run_grid(args):
     for step in steps:
         if step["done"]:
             print(f"[experiment] skip {step['name']}: done", flush=True)
+            prune_checkpoints(step, args.dry_run)
             continue
         print(f"[experiment] {step['name']} ({todo.index(step) + 1}/{len(todo)}), log {step['log']}\n"
               f"$ {shlex.join(step['argv'])}", flush=True)
@@ -372,6 +375,16 @@ def run_grid(args):
                                   "the grid (finished runs are skipped)")
         print(f"[experiment] done {step['name']}: {res['wall_s']:.0f} s, peak RSS {res['peak_rss_mib'] / 1024:.1f} GiB",
               flush=True)
+        prune_checkpoints(step)
+
+
+def prune_checkpoints(step, dry_run=False):
+    """After a run's last eval: its checkpoints (2 GiB each for SmolLM2-135M, optimizer state included; the grid
+    filled a 100 GiB disk with them) are only for resuming its training, which is done. final/ stays."""
+    if step["prune"] is None or dry_run or not (step["prune"] / "final" / "config.json").is_file():
+        return
+    for ck in sorted(step["prune"].glob("checkpoint-*")):
+        shutil.rmtree(ck, ignore_errors=True)
 
 
 # ============================================================================ CLI

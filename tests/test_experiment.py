@@ -162,6 +162,8 @@ def test_resumed_grid_skips_finished_runs_and_evals(tmp_path, monkeypatch, capsy
     assert ex.main([str(root), "--methods", "g,gc", "--seeds", "0,1"]) == 0
     assert [label for label, _ in launched] == ["g/seed1 train", "g/seed1 eval", "gc/seed1 train", "gc/seed1 eval"]
     assert "--resume" not in launched[0][1]
+    # a run with its final model and every eval needs no checkpoint any more: pruned (it kept 2 GiB each), final kept
+    assert not list((root / "gc" / "seed0").glob("checkpoint-*")) and (root / "gc/seed0/final/config.json").is_file()
     grid = json.loads((root / "grid.json").read_text())
     assert grid["methods"] == {"g": [0, 1], "gc": [0, 1]} and len(grid["commands"]) == 2
     # other sizes on the same dir would mix incomparable runs: refused, naming the flag
