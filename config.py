@@ -77,9 +77,6 @@ def plan(args, world=1):
                 critiques=critiques, pairs=pairs, pair_filter=args.pair_filter)
 
 
-GROUP_MODES = ("question", "per-prompt", "shared")
-
-
 def inert_reward_flags(args):
     """The critique-reward flag that no advantage can see: under per-pair groups with std scaling, a reward of 0 or
     c (one c per pair: the pair's label fixes it) gives A = (x - mean) / (std + eps / c) for x in {0, 1}: c cancels
@@ -152,7 +149,7 @@ def build_parser():
     g.add_argument("--static-questions", type=int, default=0,
                    help="static pairs: questions used to build them (0 = all)")
     g = p.add_argument_group("GRPO loss")
-    g.add_argument("--group-mode", choices=GROUP_MODES, default="question",
+    g.add_argument("--group-mode", choices=critique.GROUP_MODES, default="question",
                    help="question: a group per question, its responses and the critiques of its pairs together "
                         "(verl's one uid per prompt; the paper's 'mixed into the same group'); per-prompt: a group "
                         "per question's responses and one per pair's critiques; shared: every sample of a step")

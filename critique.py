@@ -89,12 +89,14 @@ class QRCache:
                 pool.pop(0)
                 self.evicted += 1
 
-    def _take(self, pool, k):
-        """Remove and return k random pairs of `pool` (or the pairs at the positions k, a list), in draw order."""
-        idx = k if isinstance(k, list) else self.rng.sample(range(len(pool)), k)  # random order, no repeats
+    def _take(self, pool, idx):
+        """Remove and return the pairs at positions `idx` of `pool`, in that order (push order kept for the rest)."""
         chosen, gone = [pool[i] for i in idx], set(idx)
-        pool[:] = [p for i, p in enumerate(pool) if i not in gone]  # keeps push order for eviction
+        pool[:] = [p for i, p in enumerate(pool) if i not in gone]
         return chosen
+
+    def _draw(self, pool, k):  # k random positions of pool, no repeats
+        return self.rng.sample(range(len(pool)), k)
 
     def pop(self, k):
         k = max(int(k), 0)
@@ -103,15 +105,16 @@ class QRCache:
                 units = question_units(self.right)
                 chosen = self._take(self.right, [i for u in self.rng.sample(units, min(k // 2, len(units))) for i in u])
             else:
-                chosen = self._take(self.right, min(k, len(self.right)))
+                chosen = self._take(self.right, self._draw(self.right, min(k, len(self.right))))
             self.popped += len(chosen)
             return chosen
         h = min(k // 2, len(self.right))
         if self.together:  # the same positions of both pools: each question's right and wrong pair
-            idx = self.rng.sample(range(len(self.right)), h)
+            idx = self._draw(self.right, h)
             right, wrong = self._take(self.right, idx), self._take(self.wrong, idx)
         else:
-            right, wrong = self._take(self.right, h), self._take(self.wrong, h)
+            right = self._take(self.right, self._draw(self.right, h))
+            wrong = self._take(self.wrong, self._draw(self.wrong, h))
         self.popped += 2 * h
         return [p for rw in zip(right, wrong) for p in rw]
 
@@ -135,6 +138,7 @@ class QRCache:
 # ----------------------------------------------------------------------------- first -> second order
 
 PAIR_FILTERS = ("balance", "random")
+GROUP_MODES = ("question", "per-prompt", "shared")  # train.py --group-mode (Trainer.group_of)
 
 
 def question_units(pairs):

@@ -45,6 +45,7 @@ import sys
 import time
 from pathlib import Path
 
+import critique  # light: no torch
 import data  # light: no torch
 import suite  # light: no torch
 
@@ -199,7 +200,7 @@ def plan(args):
         for e in evals:
             out = Path(run) / f"{e}.json"
             add(f"{tag} {e}", eval_argv(args, model, tag, out, e), out.is_file(), Path(run) / f"{e}.log", run, e,
-                prune=Path(run) if e == evals[-1] and run != root / "base" else None)
+                prune=Path(run) if e == evals[-1] else None)
 
     def evals_done(run):
         return all((Path(run) / f"{e}.json").is_file() for e in evals)
@@ -442,7 +443,7 @@ def build_parser():
     g.add_argument("--grad-accum", type=int, default=4,
                    help="micro-batches per update, at most (less memory, same update)")
     g.add_argument("--mixed-precision", choices=("no", "bf16"), default="bf16", help="train.py --mixed-precision")
-    g.add_argument("--group-mode", choices=("question", "per-prompt", "shared"), default="question",
+    g.add_argument("--group-mode", choices=critique.GROUP_MODES, default="question",
                    help="train.py --group-mode of every method that does not set its own (gc-per-prompt, gc-shared)")
     g.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
                    help="everything after this is appended to every train.py call (so it overrides), e.g. "

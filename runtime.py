@@ -92,6 +92,14 @@ class Runtime:
         self.sharding = sharding(self.accelerator)
         self.deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
 
+    def close(self, trackers=False):
+        """End the run: the trackers' files, then the process group (stops gloo / NCCL's threads before the
+        interpreter exits; left running, a rank can abort in teardown)."""
+        if trackers:
+            self.accelerator.end_training()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
     def print(self, *args):  # rank 0 only
         self.accelerator.print(*args)
 

@@ -478,10 +478,7 @@ def main(argv=None):
                         break
     finally:
         bar.close()
-        if args.report_to != "none":
-            runtime.accelerator.end_training()
-        if torch.distributed.is_initialized():  # stop gloo / NCCL's threads before exit (else a rank may abort)
-            torch.distributed.destroy_process_group()
+        runtime.close(trackers=args.report_to != "none")
     if trainer.step == args.max_steps:
         runtime.print(f"[gcrl] done: {args.max_steps} steps; model in {trainer.out / 'final'}")
     return str(trainer.out)

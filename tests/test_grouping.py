@@ -56,7 +56,7 @@ def advantages(batch, mode, scale):
     return adv
 
 
-@pytest.mark.parametrize("mode,scale", itertools.product(config.GROUP_MODES, (True, False)))
+@pytest.mark.parametrize("mode,scale", itertools.product(critique.GROUP_MODES, (True, False)))
 def test_which_reward_options_act_under_which_grouping(mode, scale):
     """Eq. 3 / 5 / 6 against Eq. 2's advantages on the same verdicts: identical exactly where config refuses them
     (per-pair groups, std scaling: every critique group is 0 or one constant), different everywhere else."""
