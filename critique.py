@@ -181,8 +181,17 @@ def sample_critiques(sampler, tokenizer, pairs, m, stop_ids=None, **gen_kwargs):
     if stop_ids is None:
         from rollout import default_stop_ids
         stop_ids = default_stop_ids(tokenizer)
-    prompts = [critique_prompt(tokenizer, p["question"], p["response"]) for p in pairs]
+    prompts = critique_prompts(tokenizer, pairs)
     outs = sampler.generate(prompts, n=m, stop_ids=stop_ids, **gen_kwargs)
+    return critique_outputs(tokenizer, pairs, prompts, outs, m)
+
+
+def critique_prompts(tokenizer, pairs):
+    return [critique_prompt(tokenizer, p["question"], p["response"]) for p in pairs]
+
+
+def critique_outputs(tokenizer, pairs, prompts, outs, m):
+    """sample_critiques' dicts from the Sampler's outputs for `prompts` (critique_prompts of `pairs`), m each."""
     if len(outs) != len(pairs) * m:
         raise RuntimeError(f"sampler returned {len(outs)} critiques for {len(pairs)} pairs x m={m}")
     return [dict(pair_index=o["prompt_index"], pair_id=pairs[o["prompt_index"]].get("id"),
@@ -212,14 +221,16 @@ def sample_refinements(sampler, tokenizer, pairs, critiques, verdicts, k_ref, st
 
 
 def second_order_rollout(sampler, tokenizer, pairs, m, scheme="plain", p_correct=None, k_ref=0, stop_ids=None,
-                         **gen_kwargs):
-    """Steps 4-5 in one call (what eval.py measures critics with): sample_critiques, then each critique's verdict
-    and reward.critique_rewards (Eq. 2 / 3 / 5 / 6; k_ref > 0: plus the Eq. 4 bonus from sample_refinements, seed
-    + 1). One dict per critique: sample_critiques' keys and verdict, reward (bonus included), bonus, and with
-    k_ref > 0 `refine_correct` (k) for a critique with a verdict."""
+                         critiques=None, **gen_kwargs):
+    """Steps 4-5 in one call (what eval.py measures critics with): sample_critiques (or take `critiques`, sampled
+    with these gen_kwargs elsewhere, e.g. in one Sampler.generate_many call with other work), then each critique's
+    verdict and reward.critique_rewards (Eq. 2 / 3 / 5 / 6; k_ref > 0: plus the Eq. 4 bonus from
+    sample_refinements, seed + 1). One dict per critique: sample_critiques' keys and verdict, reward (bonus
+    included), bonus, and with k_ref > 0 `refine_correct` (k) for a critique with a verdict."""
     if k_ref > 0 and any(p.get("answer") is None for p in pairs):
         raise ValueError("denoising (k_ref > 0) needs every pair's gold 'answer' to verify refinements")
-    crits = sample_critiques(sampler, tokenizer, pairs, m, stop_ids=stop_ids, **gen_kwargs)
+    crits = sample_critiques(sampler, tokenizer, pairs, m, stop_ids=stop_ids, **gen_kwargs) if critiques is None \
+        else critiques
     verdicts = [reward.extract_verdict(c["text"]) for c in crits]
     refinements = None
     if k_ref > 0 and crits:

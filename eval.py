@@ -147,8 +147,13 @@ def evaluate(model, tok, args, log=print):
     """The three blocks for one model; `args` is the parsed CLI namespace (see build_parser)."""
     import rollout
     t0, sampler = time.time(), rollout.Sampler(model, max_batch=args.batch, max_len=args.max_len)
-    records, greedy, samples, generation = generation_block(sampler, tok, args, log)
-    no_votes, pairs, crits, k_ref, crit = critique_block(sampler, tok, args, records, samples, log)
+    split, records = eval_records(args)
+    file_pairs = (load_critique_set(args.critique_data, args.seed, args.critique_limit)  # before sampling: their
+                  if args.critique_data and not args.no_critique else None)  # critiques join the first call
+    greedy, samples, file_crits = first_call(sampler, tok, args, split, records, file_pairs, log)
+    generation = generation_metrics(greedy, samples)
+    no_votes, pairs, crits, k_ref, crit = critique_block(sampler, tok, args, records, samples, file_pairs,
+                                                         file_crits, log)
     selection = (null_block(SEL_KEYS, no_votes) if no_votes else  # else every sample carries its "right" votes
                  selection_metrics(samples, args.critique_samples, generation["accuracy"]))
     if args.save_samples:
@@ -166,22 +171,37 @@ def eval_records(args):
     return split, data.load_data(args.data, split=split, limit=args.limit or 100, seed=args.seed)
 
 
-def generation_block(sampler, tok, args, log):
-    """(records, greedy responses, --k samples per record or None, the generation block)."""
-    split, records = eval_records(args)
-    log(f"[eval] {len(records)} questions from {args.data} ({split}): greedy")
-    greedy = [g[0] for g in sample_responses(sampler, tok, args, records, 1, "greedy", 0.0, args.seed)]
-    samples = None
+def first_call(sampler, tok, args, split, records, file_pairs, log):
+    """What needs no earlier output, in one Sampler.generate_many call (a prompt prefilled once for its greedy answer
+    and its samples; bigger decode batches): the greedy answers, --k samples per question and the critiques of a
+    --critique-data set. -> (greedy responses, samples per record or None, those critiques or None)."""
+    import rollout
+    prompts = rollout.generation_prompts(tok, records, args.prompt_style)
+    reqs = [dict(prompts=prompts, n=1, temperature=0.0, seed=args.seed, max_new_tokens=args.max_new_tokens)]
+    what = [f"{len(records)} questions from {args.data} ({split}): greedy"]
     if args.k > 0:
-        log(f"[eval] {args.k} samples per question at temperature {args.temperature}")
-        samples = sample_responses(sampler, tok, args, records, args.k, f"{args.k} samples", args.temperature,
-                                   args.seed + 1)
-    return records, greedy, samples, generation_metrics(greedy, samples)
+        reqs.append(dict(prompts=prompts, n=args.k, temperature=args.temperature, seed=args.seed + 1,
+                         max_new_tokens=args.max_new_tokens))
+        what.append(f"{args.k} samples per question at temperature {args.temperature}")
+    if file_pairs:
+        reqs.append(dict(prompts=critique.critique_prompts(tok, file_pairs), n=args.critique_samples,
+                         **critique_sampling(args)))
+        what.append(f"{args.critique_samples} critique(s) of each of {len(file_pairs)} pairs")
+    log("[eval] " + "; ".join(what))
+    outs = with_progress("generate", sampler.generate_many, reqs, top_p=args.top_p,
+                         stop_ids=rollout.default_stop_ids(tok))
+    greedy = [g[0] for g in score_responses(args, records, rollout.rollout_outputs(tok, records, prompts, outs[0]))]
+    samples = (score_responses(args, records, rollout.rollout_outputs(tok, records, prompts, outs[1]))
+               if args.k > 0 else None)
+    crits = (critique.critique_outputs(tok, file_pairs, reqs[-1]["prompts"], outs[-1], args.critique_samples)
+             if file_pairs else None)
+    return greedy, samples, crits
 
 
-def critique_block(sampler, tok, args, records, samples, log):
-    """Critiques of every sample for selection (their "right" counts go to r["right_votes"]), then of the balanced
-    critique set: (why there are no votes or None, the set, its critiques, the k_ref used, the critique block)."""
+def critique_block(sampler, tok, args, records, samples, file_pairs, file_crits, log):
+    """Critiques of every sample for selection (their "right" counts go to r["right_votes"]), then the balanced
+    critique set (`file_pairs` with `file_crits` sampled already, else the own samples'), judged and, with --k-ref,
+    refined: (why there are no votes or None, the set, its critiques, the k_ref used, the critique block)."""
     c = args.critique_samples
     no_votes = ("skipped (--no-selection / --no-critique)" if args.no_selection or args.no_critique else
                 "needs --k >= 2 samples per question" if args.k < 2 else None)
@@ -194,7 +214,7 @@ def critique_block(sampler, tok, args, records, samples, log):
     if args.no_critique:
         return no_votes, [], [], 0, null_block(CRIT_KEYS, "skipped (--no-critique)")
     source = args.critique_data or f"self:{args.data}"
-    pairs = (load_critique_set(source, args.seed, args.critique_limit) if args.critique_data else
+    pairs = (file_pairs if args.critique_data else
              balanced_pairs(sample_pairs(records, samples), args.seed) if args.k >= 2 else None)
     if not pairs:
         why = ("no critique set: give --critique-data or --k >= 2 to build one from the model's own samples"
@@ -209,7 +229,8 @@ def critique_block(sampler, tok, args, records, samples, log):
     if not (no_votes or args.critique_data or args.k_ref):  # the self set's samples are critiqued already
         crits = [x for p in pairs for x in sample_crits[p["index"] * c:(p["index"] + 1) * c]]
     else:
-        crits = run_critiques(sampler, tok, args, pairs, "critiques", k_ref)
+        crits = run_critiques(sampler, tok, args, pairs, "refinements" if file_crits else "critiques", k_ref,
+                              file_crits)
     crit = dict(critique_metrics(crits, pairs, source, c, k_ref), k_ref=args.k_ref)  # the k_ref asked for
     if args.k_ref and not k_ref:
         crit["undefined"]["denoised_reward"] = why = f"pairs from {source} carry no gold 'answer' to verify refinements"
@@ -232,9 +253,15 @@ def with_progress(desc, fn, *args, **kwargs):
 def sample_responses(sampler, tok, args, records, n, desc, temperature, seed):
     """n scored responses per record (rollout.first_order_rollout; boxed-only unless --lenient), one list each."""
     import rollout
+    outs = with_progress(desc, rollout.first_order_rollout, sampler, tok, records, n, temperature=temperature,
+                         seed=seed, max_new_tokens=args.max_new_tokens, top_p=args.top_p, style=args.prompt_style)
+    return score_responses(args, records, outs)
+
+
+def score_responses(args, records, outs):
+    """first-order rollout outputs, scored (boxed-only unless --lenient), grouped per record: one list each."""
     groups, markers = [[] for _ in records], reward.DEFAULT_MARKERS if args.lenient else ()
-    for o in with_progress(desc, rollout.first_order_rollout, sampler, tok, records, n, temperature=temperature,
-                           seed=seed, max_new_tokens=args.max_new_tokens, top_p=args.top_p, style=args.prompt_style):
+    for o in outs:
         text, gold = o["text"], records[o["q_index"]]["answer"]
         o.update(answer=reward.extract_answer(text, markers), boxed=reward.extract_answer(text, ()) is not None,
                  correct=reward.is_correct(text, gold, strict=not args.lenient))
@@ -260,12 +287,18 @@ def load_critique_set(spec, seed=0, limit=None):
     return pairs[:2 * limit] if limit else pairs  # whole questions: pairs come right, wrong per question
 
 
-def run_critiques(sampler, tok, args, pairs, desc, k_ref=0):
-    """--critique-samples critiques of each pair (critique.second_order_rollout, plain Eq. 2 reward), pair-major."""
+def critique_sampling(args):
+    """The critiques' budget, temperature (greedy for one per response) and seed."""
     c = args.critique_samples
-    return with_progress(desc, critique.second_order_rollout, sampler, tok, pairs, c, scheme="plain", k_ref=k_ref,
-                         max_new_tokens=args.critique_max_new_tokens, top_p=args.top_p,
-                         temperature=0.0 if c == 1 else args.critique_temperature, seed=args.seed + 2)
+    return dict(max_new_tokens=args.critique_max_new_tokens, temperature=0.0 if c == 1 else args.critique_temperature,
+                seed=args.seed + 2)
+
+
+def run_critiques(sampler, tok, args, pairs, desc, k_ref=0, critiques=None):
+    """--critique-samples critiques of each pair (critique.second_order_rollout, plain Eq. 2 reward), pair-major;
+    `critiques`: sampled already (first_call), only judged and refined here."""
+    return with_progress(desc, critique.second_order_rollout, sampler, tok, pairs, args.critique_samples,
+                         scheme="plain", k_ref=k_ref, critiques=critiques, top_p=args.top_p, **critique_sampling(args))
 
 
 # ============================================================================ model loading, the CLI

@@ -120,13 +120,20 @@ def _attention(q, k, v, mask, scale):
     return torch.matmul(torch.exp(s - lse[..., None]).to(v.dtype), v), lse
 
 
-def _sample(logits, temperature, top_p, top_k, u):
-    """logits (A, V) fp32 -> (tokens (A,), log-probs (A,) fp32): log_softmax(logits / T) of the chosen token,
-    before top-k / top-p filtering; greedy (T = 0) reports them at T = 1."""
-    if temperature == 0:
+def _sample(logits, temps, top_p, top_k, u):
+    """logits (A, V) fp32, temps (A,) fp32 per row (0 = greedy) -> (tokens (A,), log-probs (A,) fp32):
+    log_softmax(logits / T) of the chosen token, before top-k / top-p filtering; greedy rows report them at T = 1.
+    `u()`: each row's uniform (A,) fp64, called only if a row samples."""
+    greedy = temps == 0
+    if bool(greedy.all()):
         tok = logits.argmax(-1)
         return tok, torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0]
-    logits = logits / temperature if temperature != 1 else logits
+    if bool(greedy.any()):  # a mixed batch (Sampler.generate_many): each part on its own, then put together
+        tok, lp = torch.empty_like(temps, dtype=torch.long), torch.empty_like(temps)
+        for part in (greedy, ~greedy):
+            tok[part], lp[part] = _sample(logits[part], temps[part], top_p, top_k, lambda part=part: u()[part])
+        return tok, lp
+    logits = logits / temps[:, None] if bool((temps != 1).any()) else logits
     probs, filt = torch.softmax(logits, -1), logits  # (A, V) fp32
     if 0 < top_k < logits.shape[-1]:
         filt = filt.masked_fill(filt < torch.topk(logits, top_k, dim=-1).values[:, -1:], -math.inf)
@@ -225,18 +232,20 @@ class KVCache:
 class RowState:
     """The R rows of a chunk while they decode. By output row: `tokens`, `logprobs` (R, max_new), `length`,
     `stopped` (R,). By cache row, for the A live rows, always rows 0..A-1 of `cache`: `row` (the output row),
-    `tok` (the last sampled token), `limit` (the new-token budget), `group` (the prompt), `plen` (its length)."""
+    `tok` (the last sampled token), `limit` (the new-token budget), `group` (the prompt), `plen` (its length).
+    `max_new` (R,): each row's budget (rows of a generate_many call may differ)."""
     SLOTS = ("row", "tok", "limit", "group", "plen")
 
     def __init__(self, cache, group, plen, max_new, max_len):
         R, dev = len(group), group.device
         self.cache, self.group, self.plen, self.tok = cache, group, plen, None
         cache.seqlens = plen.clone()  # the rows' KV: their prompts
-        self.tokens = torch.zeros(R, max_new, dtype=torch.long, device=dev)
-        self.logprobs = torch.zeros(R, max_new, dtype=torch.float32, device=dev)
+        width = int(max_new.max())
+        self.tokens = torch.zeros(R, width, dtype=torch.long, device=dev)
+        self.logprobs = torch.zeros(R, width, dtype=torch.float32, device=dev)
         self.length = torch.zeros(R, dtype=torch.long, device=dev)
         self.stopped = torch.zeros(R, dtype=torch.bool, device=dev)
-        self.row, self.limit = torch.arange(R, device=dev), torch.clamp(max_len - plen, max=max_new)
+        self.row, self.limit = torch.arange(R, device=dev), torch.minimum(max_len - plen, max_new)
 
     def record(self, t, tok, lp, stop):
         """Store decode step t's tokens and log-probs (A,); a row finishes on a stop token or at its budget.
@@ -468,59 +477,98 @@ class Sampler:
         return _share_groups(group, plen)
 
     # -- the API
-    @torch.inference_mode()
     def generate(self, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0, stop_ids=None,
                  seed=None, progress=None):
         """Sample `n` completions of each prompt (lists of token ids). Returns one dict per completion, prompt-major:
         {"prompt_index", "tokens", "logprobs", "length", "truncated"}; `tokens` include a sampled stop token,
         `truncated` = no stop token within max_new_tokens (or max_len). Rows beyond max_batch run in chunks, whole
         prompts per chunk where n allows; `progress(rows_done, rows_total)` is called before and after each."""
-        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1 or n < 1:
-            raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1, n >= 1")
-        for p in prompts:
-            if not 0 < len(p) < self.max_len:
-                raise ValueError(f"prompt length {len(p)} must be in 1..{self.max_len - 1} (Sampler max_len)")
+        request = dict(prompts=prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        return self.generate_many([request], top_p=top_p, top_k=top_k, stop_ids=stop_ids, progress=progress)[0]
+
+    @torch.inference_mode()
+    def generate_many(self, requests, top_p=1.0, top_k=0, stop_ids=None, progress=None):
+        """Several generate() calls in one: `requests` are dicts of generate's `prompts`, `n`, `max_new_tokens`,
+        `temperature`, `seed` (the defaults as there); returns one output list per request, each what generate()
+        would return. Why: an eval's greedy answers, its samples and its critiques of a fixed set are independent;
+        in one call a prompt asked for by several requests is prefilled once (its rows share its KV), and the rows
+        decode in bigger batches. Row j of a request draws the uniforms generate() would give it (U(seed, t)[j])."""
+        reqs = [dict(dict(n=1, max_new_tokens=256, temperature=1.0, seed=None), **r) for r in requests]
+        for r in reqs:
+            if r["temperature"] < 0 or r["max_new_tokens"] < 1 or r["n"] < 1:
+                raise ValueError("need temperature >= 0, max_new_tokens >= 1, n >= 1")
+            for p in r["prompts"]:
+                if not 0 < len(p) < self.max_len:
+                    raise ValueError(f"prompt length {len(p)} must be in 1..{self.max_len - 1} (Sampler max_len)")
+            if r["seed"] is None:  # so torch.manual_seed reproduces it
+                r["seed"] = int(torch.randint(0, 2**62, (1,)))
+        if not 0 < top_p <= 1 or top_k < 0:
+            raise ValueError("need 0 < top_p <= 1, top_k >= 0")
         device = self.model.lm_head.weight.device
-        seed = seed if seed is not None else int(torch.randint(0, 2**62, (1,)))  # so torch.manual_seed reproduces it
         stop = torch.tensor(sorted(set(stop_ids or [])), dtype=torch.long, device=device)
-        self.stats = dict(prefill_s=0.0, decode_s=0.0, tokens=0, rows=len(prompts) * n)
+        # every row as (distinct prompt, request, its row index there), grouped by distinct prompt (first seen first)
+        uniq, blocks = {}, []
+        for q, r in enumerate(reqs):
+            for p, ids in enumerate(r["prompts"]):
+                g = uniq.setdefault(tuple(ids), len(uniq))
+                if g == len(blocks):
+                    blocks.append([])
+                blocks[g] += [(g, q, p * r["n"] + j) for j in range(r["n"])]
+        self.stats = dict(prefill_s=0.0, decode_s=0.0, tokens=0, rows=sum(map(len, blocks)))
         self.flash = self._use_flash()  # decided once per call, not per decode step
         if not self._told and os.environ.get("RANK", "0") == "0":  # once, on one rank
             print(f"[gcrl] sampler attention: {self.attention_path()}", file=sys.stderr)
             self._told = True
-        rows = [p for p in range(len(prompts)) for _ in range(n)]  # the prompt of each output row
-        per_chunk = (self.max_batch // n) * n if n <= self.max_batch else self.max_batch
-        out = []
+        chunks = [[]]  # whole prompts per chunk where they fit; a prompt with more rows than max_batch is split
+        for block in blocks:
+            for i in range(0, len(block), self.max_batch):
+                piece = block[i:i + self.max_batch]
+                if chunks[-1] and len(chunks[-1]) + len(piece) > self.max_batch:
+                    chunks.append([])
+                chunks[-1] += piece
+        outs = [[None] * (len(r["prompts"]) * r["n"]) for r in reqs]
+        total, done = self.stats["rows"], 0
         if progress:
-            progress(0, len(rows))
+            progress(0, total)
         with self._weights():
-            for c in range(0, len(rows), per_chunk):
-                out += self._generate_chunk(prompts, rows[c:c + per_chunk], c, max_new_tokens, temperature, top_p,
-                                            top_k, stop, seed)
+            for chunk in chunks:
+                for (_, q, j), o in zip(chunk, self._generate_chunk([list(ids) for ids in uniq], chunk, reqs, top_p,
+                                                                    top_k, stop)):
+                    outs[q][j] = dict(o, prompt_index=j // reqs[q]["n"])
+                done += len(chunk)
                 if progress:
-                    progress(len(out), len(rows))
-        return out
+                    progress(done, total)
+        return outs
 
-    def _generate_chunk(self, prompts, rows, first, max_new, temperature, top_p, top_k, stop, seed):
-        """Prefill, then decode the chunk's rows (`rows`: the prompt of each; `first`: the call's index of its first
-        row) until all have finished. Row r's t-th token draws the uniform U(seed, t)[r]: the same samples whatever
-        the chunking (--batch) or which rows are still live."""
+    def _generate_chunk(self, prompts, chunk, reqs, top_p, top_k, stop):
+        """Prefill, then decode the chunk's rows (`chunk`: (prompt, request, row index there) of each) until all have
+        finished. Row j of request q draws its t-th token from the uniform U(seed_q, t)[j]: the same samples whatever
+        the chunking (--batch), which rows are still live, or which other requests share the call."""
         device = self.model.lm_head.weight.device
-        plen = [len(prompts[p]) for p in rows]
-        T = min(self.max_len, max(plen) + max_new)
-        self._ensure_cache(len(rows), T)
+        group = torch.tensor([g for g, _, _ in chunk], device=device)
+        req = torch.tensor([q for _, q, _ in chunk], device=device)
+        draw = torch.tensor([j for _, _, j in chunk], device=device)
+        temps = torch.tensor([reqs[q]["temperature"] for _, q, _ in chunk], dtype=torch.float32, device=device)
+        max_new = torch.tensor([reqs[q]["max_new_tokens"] for _, q, _ in chunk], device=device)
+        plen = torch.tensor([len(prompts[g]) for g, _, _ in chunk], device=device)
+        T = min(self.max_len, int((plen + max_new).max()))
+        self._ensure_cache(len(chunk), T)
         cos, sin = self._rope_table(T, self.compute_dtype, device)
         t0 = time.perf_counter()
-        logits = self._prefill_chunk(prompts, rows, cos, sin)
+        logits = self._prefill_chunk(prompts, group.tolist(), cos, sin)
         t1 = time.perf_counter()
-        state = RowState(self.cache, torch.tensor(rows, device=device), torch.tensor(plen, device=device), max_new,
-                         self.max_len)
+        state = RowState(self.cache, group, plen, max_new, self.max_len)
         share = self._share_info(state.group, state.plen, T)
-        for t in range(max_new):
-            def uniforms(t=t):  # (A,) fp64 of the live rows, drawn only when sampling (not greedy)
-                gen = torch.Generator().manual_seed(hash((seed, t)) & (2**63 - 1))  # tuples of ints: stable hashes
-                return torch.rand(first + len(rows), dtype=torch.float64, generator=gen)[first + state.row].to(device)
-            tok, lp = _sample(logits, temperature, top_p, top_k, uniforms)
+        for t in range(int(max_new.max())):
+            def uniforms(t=t):  # (A,) fp64 of the live rows, drawn only when some row samples
+                u, live = torch.zeros(len(state.row), dtype=torch.float64, device=device), state.row
+                for q in req[live].unique().tolist():
+                    r, mine = reqs[q], req[live] == q
+                    gen = torch.Generator().manual_seed(hash((r["seed"], t)) & (2**63 - 1))  # ints: stable hashes
+                    u[mine] = torch.rand(len(r["prompts"]) * r["n"], dtype=torch.float64,
+                                         generator=gen)[draw[live[mine]].cpu()].to(device)
+                return u
+            tok, lp = _sample(logits, temps[state.row], top_p, top_k, uniforms)
             done = state.record(t, tok, lp, stop)
             if done is not None:  # drop the finished rows from the batch
                 if state.keep(~done) == 0:
@@ -530,7 +578,7 @@ class Sampler:
         self.stats["prefill_s"] += t1 - t0
         self.stats["decode_s"] += time.perf_counter() - t1
         self.stats["tokens"] += int(state.length.sum())
-        return state.results(rows)
+        return state.results(group.tolist())
 
     def _prefill_chunk(self, prompts, rows, cos, sin):
         """Prefill a chunk (a prompt's rows are contiguous): a prefix common to all its prompts once into every row,
@@ -566,10 +614,18 @@ def first_order_rollout(sampler, tokenizer, records, n, style="plain", **gen_kwa
     """Sample `n` responses to each record's question (first-order rollout, arXiv 2602.22765 §3, Figure 2). One dict
     per response, question-major: {"q_index", "id", "prompt_ids", "tokens", "logprobs", "text", "truncated", "length"}.
     `style`: the generation prompt (data.PROMPT_STYLES); stop_ids default to default_stop_ids(tokenizer)."""
-    from data import gen_prompt
-    prompts = [gen_prompt(tokenizer, r["question"], style) for r in records]
+    prompts = generation_prompts(tokenizer, records, style)
     gen_kwargs.setdefault("stop_ids", default_stop_ids(tokenizer))
-    outs = sampler.generate(prompts, n=n, **gen_kwargs)
+    return rollout_outputs(tokenizer, records, prompts, sampler.generate(prompts, n=n, **gen_kwargs))
+
+
+def generation_prompts(tokenizer, records, style="plain"):
+    from data import gen_prompt
+    return [gen_prompt(tokenizer, r["question"], style) for r in records]
+
+
+def rollout_outputs(tokenizer, records, prompts, outs):
+    """first_order_rollout's dicts from the Sampler's outputs for `prompts` (generation_prompts of `records`)."""
     return [dict(q_index=o["prompt_index"], id=records[o["prompt_index"]]["id"], prompt_ids=prompts[o["prompt_index"]],
                  tokens=o["tokens"], logprobs=o["logprobs"],
                  text=tokenizer.decode(o["tokens"], skip_special_tokens=True), truncated=o["truncated"],

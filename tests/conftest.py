@@ -58,3 +58,33 @@ def sampler_logits(sampler, ids):
         sampler._ensure_cache(1, ids.shape[0])
         cos, sin = sampler._rope_table(ids.shape[0], sampler.compute_dtype, ids.device)
         return sampler._logits(sampler._prefill(ids, 0, (0, 1), cos, sin))
+
+
+def script_sampler(monkeypatch, respond):
+    """eval.py's sampling scripted, no model: a generation prompt is the record's question, a critique prompt the
+    tuple ("critique", question, response); `respond(prompt, request, j)` gives the text of row j of a prompt.
+    Returns the generate_many requests seen (one list per call)."""
+    import critique
+    import rollout
+    seen = []
+
+    class FakeSampler:
+        def generate_many(self, reqs, progress=None, **kw):
+            seen.append(reqs)
+            return [[dict(prompt_index=i, text=respond(p, r, j)) for i, p in enumerate(r["prompts"])
+                     for j in range(r["n"])] for r in reqs]
+
+    def outputs(records, outs):
+        return [dict(q_index=o["prompt_index"], id=records[o["prompt_index"]]["id"], text=o["text"],
+                     length=len(o["text"]), truncated=False, tokens=[], logprobs=[], prompt_ids=[]) for o in outs]
+
+    monkeypatch.setattr(rollout, "Sampler", lambda *a, **k: FakeSampler())
+    monkeypatch.setattr(rollout, "generation_prompts", lambda tok, records, style="plain": [
+        r["question"] for r in records])
+    monkeypatch.setattr(rollout, "default_stop_ids", lambda tok: [])
+    monkeypatch.setattr(rollout, "rollout_outputs", lambda tok, records, prompts, outs: outputs(records, outs))
+    monkeypatch.setattr(critique, "critique_prompts", lambda tok, pairs: [("critique", p["question"], p["response"])
+                                                                          for p in pairs])
+    monkeypatch.setattr(critique, "critique_outputs", lambda tok, pairs, prompts, outs, m: [
+        dict(pair_index=o["prompt_index"], text=o["text"], label=pairs[o["prompt_index"]]["label"]) for o in outs])
+    return seen

@@ -8,7 +8,7 @@ import eval as ev
 import report
 import reward
 import rollout
-from conftest import SHARED, make_model, make_tokenizer
+from conftest import SHARED, make_model, make_tokenizer, script_sampler
 
 # ----------------------------------------------------------------------------- pure metrics
 
@@ -360,27 +360,30 @@ def test_plot_and_compare_bad_dirs(tmp_path, capsys):
 # ----------------------------------------------------------------------------- evaluate() wiring, scripted model
 
 
-def test_evaluate_wiring_with_a_scripted_model(monkeypatch):
-    """evaluate() with the sampler replaced by scripted responses and critiques: every number is hand-known.
-    The critic says "right" exactly when the response contains "sure"."""
+@pytest.fixture
+def scripted(monkeypatch):
+    """The sampler replaced by scripted responses (generate_many: greedy n=1, samples n=3; a critique request's
+    rows say "critique") and critiques: the critic says "right" exactly when the response contains "sure".
+    Yields (recs, requests seen by generate_many, critic calls (pairs, m, k_ref, pre-sampled critiques or None))."""
     import critique
     import data
-    import rollout
     recs = data.load_data("arith", split="test", limit=2)
     g0, g1 = int(recs[0]["answer"]), int(recs[1]["answer"])
     scripts = {1: [["\\boxed{%d}" % g0], ["no answer"]],  # greedy: q0 right, q1 unanswered
                3: [["\\boxed{%d} sure" % g0, "\\boxed{%d}" % (g0 + 1), "\\boxed{%d}" % (g0 + 1)],
                    ["\\boxed{%d} sure" % (g1 + 2), "\\boxed{%d}" % g1, "\\boxed{%d} sure" % (g1 + 5)]]}
+    index = {r["question"]: q for q, r in enumerate(recs)}
 
-    def fake_rollout(sampler, tok, records, n, **gen):
-        assert (gen["temperature"] == 0.0) == (n == 1)
-        return [dict(q_index=q, id=records[q]["id"], text=t, length=len(t), truncated=False, tokens=[], logprobs=[],
-                     prompt_ids=[]) for q in range(len(records)) for t in scripts[n][q]]
+    def respond(prompt, request, j):
+        if prompt[0] == "critique":
+            return "critique"
+        assert (request["temperature"] == 0.0) == (request["n"] == 1)
+        return scripts[request["n"]][index[prompt]][j]
 
-    calls = []
+    seen, calls = script_sampler(monkeypatch, respond), []
 
-    def fake_critic(sampler, tok, pairs, m, scheme="plain", k_ref=0, **gen):
-        calls.append((len(pairs), m, k_ref))
+    def fake_critic(sampler, tok, pairs, m, scheme="plain", k_ref=0, critiques=None, **gen):
+        calls.append((len(pairs), m, k_ref, critiques and [x["text"] for x in critiques]))
         out = []
         for i, p in enumerate(pairs):
             for _ in range(m):
@@ -389,15 +392,20 @@ def test_evaluate_wiring_with_a_scripted_model(monkeypatch):
                                 bonus=0.1 * k_ref if v == "right" else 0.0))
         return out
 
-    monkeypatch.setattr(rollout, "Sampler", lambda *a, **k: None)
-    monkeypatch.setattr(rollout, "first_order_rollout", fake_rollout)
     monkeypatch.setattr(critique, "second_order_rollout", fake_critic)
+    yield recs, seen, calls
+
+
+def test_evaluate_wiring_with_a_scripted_model(scripted):
+    """evaluate() with the sampler replaced by scripted responses and critiques: every number is hand-known."""
+    recs, seen, calls = scripted
     args = ev.build_parser().parse_args(["--data", "arith", "--limit", "2", "--k", "3"])
     res = ev.evaluate(None, None, args, log=lambda *a: None)
     g, c, s = res["generation"], res["critique"], res["selection"]
     assert g["accuracy"] == 0.5 and g["answer_rate"] == 0.5 and g["mean_accuracy"] == pytest.approx(2 / 6)
     assert g["majority_accuracy"] == 0.0 and g["pass_at_k"] == 1.0  # q0 majority g0+1; q1 1-1-1 tie -> first
-    assert calls == [(6, 1, 0)]  # one critique pass over all samples; the self set reuses it
+    assert [[(r["n"], r["seed"]) for r in reqs] for reqs in seen] == [[(1, 0), (3, 1)]]  # greedy, samples: one call
+    assert calls == [(6, 1, 0, None)]  # one critique pass over all samples; the self set reuses it
     # self set: q0 right "sure" -> right (TP), q0 wrong -> wrong (TN); q1 right (no "sure") -> wrong (FN),
     # q1 wrong (both "sure") -> right (FP)
     assert c["source"] == "self:arith" and c["n_pairs"] == 4 and c["n_right"] == 2
@@ -420,9 +428,26 @@ def test_evaluate_wiring_with_a_scripted_model(monkeypatch):
     calls.clear()
     args = ev.build_parser().parse_args(["--limit", "2", "--k", "3", "--k-ref", "2", "--critique-samples", "2"])
     c = ev.evaluate(None, None, args, log=lambda *a: None)["critique"]
-    assert calls == [(6, 2, 0), (4, 2, 2)]  # denoising needs its own pass with refinements
+    assert calls == [(6, 2, 0, None), (4, 2, 2, None)]  # denoising needs its own pass with refinements
     assert c["n_critiques"] == 8 and c["samples_per_pair"] == 2
     assert c["denoised_reward"] == pytest.approx((2 * 0.9 + 2 * 0.7 + 0 + 2 * 0.2) / 8)
+
+
+def test_critique_file_joins_the_first_call(scripted, tmp_path):
+    """A --critique-data set needs no earlier output: its critiques are sampled in the generate_many call of the
+    greedy answers and samples (the critique budget, temperature and seed), then only judged and refined."""
+    recs, seen, calls = scripted
+    path = tmp_path / "set.jsonl"
+    path.write_text("".join(json.dumps(dict(question=f"q{i}", response=r, label=lab, answer="3")) + "\n"
+                            for i in range(2) for r, lab in (("\\boxed{3} sure", True), ("\\boxed{4}", False))))
+    args = ev.build_parser().parse_args(["--limit", "2", "--k", "3", "--k-ref", "1", "--no-selection",
+                                         "--critique-data", f"jsonl:{path}", "--critique-max-new-tokens", "77"])
+    c = ev.evaluate(None, None, args, log=lambda *a: None)["critique"]
+    (reqs,) = seen  # one sampler call before the critic
+    assert [(r["n"], r["seed"], r["temperature"], r["max_new_tokens"]) for r in reqs] == \
+        [(1, 0, 0.0, 256), (3, 1, 1.0, 256), (1, 2, 0.0, 77)]
+    assert calls == [(4, 1, 1, ["critique"] * 4)]  # the 4 pairs' critiques from that call, refined once
+    assert c["n_pairs"] == 4 and c["accuracy"] == 1.0 and c["denoised_reward"] == pytest.approx((2 * 0.8 + 2 * 0.7) / 4)
 
 
 def test_empty_critique_file_gives_null_metrics(tiny_dir, tmp_path, capsys):
@@ -442,22 +467,18 @@ def test_empty_critique_file_gives_null_metrics(tiny_dir, tmp_path, capsys):
     assert res["config"]["dtype"] == "bf16" and res["generation"]["n_questions"] == 1
 
 
-def test_prompt_style_reaches_every_generation_call(monkeypatch):
+def test_prompt_style_reaches_every_generation_call(scripted, monkeypatch):
     """--prompt-style picks the generation prompt of the greedy and the sampled responses (plain by default)."""
     import rollout
-    seen = []
-
-    def fake_rollout(sampler, tok, records, n, style="plain", **gen):
-        seen.append((n, style))
-        return [dict(q_index=q, id=r["id"], text="no answer", length=2, truncated=False, tokens=[], logprobs=[],
-                     prompt_ids=[]) for q, r in enumerate(records) for _ in range(n)]
-
-    monkeypatch.setattr(rollout, "Sampler", lambda *a, **k: None)
-    monkeypatch.setattr(rollout, "first_order_rollout", fake_rollout)
+    recs, seen, _ = scripted
+    styles = []
+    monkeypatch.setattr(rollout, "generation_prompts", lambda tok, records, style: styles.append(style) or [
+        r["question"] for r in records])
     for argv, style in (([], "plain"), (["--prompt-style", "oneshot"], "oneshot")):
-        seen.clear()
-        args = ev.build_parser().parse_args(["--limit", "2", "--k", "2", "--no-critique"] + argv)
-        assert ev.evaluate(None, None, args, log=lambda *a: None)["generation"]["accuracy"] == 0.0
-        assert seen == [(1, style), (2, style)]
+        seen.clear(), styles.clear()
+        args = ev.build_parser().parse_args(["--limit", "2", "--k", "3", "--no-critique"] + argv)
+        assert ev.evaluate(None, None, args, log=lambda *a: None)["generation"]["accuracy"] == 0.5
+        assert styles == [style]  # one prompt set, for the greedy answers and the samples
+        assert [[r["prompts"] for r in reqs] for reqs in seen] == [[[r["question"] for r in recs]] * 2]
     with pytest.raises(SystemExit):
         ev.build_parser().parse_args(["--prompt-style", "fewshot"])

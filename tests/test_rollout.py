@@ -340,11 +340,10 @@ def test_max_len_truncates_rows():
 
 
 def test_prefix_sharing_equals_prefilling_each_row():
-    s = Sampler(tiny())
     kw = dict(max_new_tokens=10, temperature=1.0, seed=7)
-    shared = s.generate(PROMPTS, n=3, **kw)
-    repeated = s.generate([p for p in PROMPTS for _ in range(3)], n=1, **kw)
-    for a, b in zip(shared, repeated):
+    shared = Sampler(tiny()).generate(PROMPTS, n=3, **kw)
+    alone = Sampler(tiny(), max_batch=1).generate(PROMPTS, n=3, **kw)  # a chunk per row: each prefilled alone
+    for a, b in zip(shared, alone):
         assert a["tokens"] == b["tokens"]
         assert torch.allclose(torch.tensor(a["logprobs"]), torch.tensor(b["logprobs"]), atol=1e-5)
 
@@ -583,3 +582,25 @@ def test_first_order_rollout_uses_the_prompt_style(tokenizer):
     assert all("Example solution" in tokenizer.decode(o["prompt_ids"]) for o in out)
     plain = first_order_rollout(s, tokenizer, recs, 1, max_new_tokens=3, seed=0)
     assert "Example solution" not in tokenizer.decode(plain[0]["prompt_ids"])
+
+
+def test_generate_many_equals_separate_calls():
+    """One generate_many call (greedy answers, samples of the same prompts, a request with its own budget and
+    temperature) gives each request what its own generate() call gives, and prefills a shared prompt once."""
+    s = Sampler(tiny("qwen2"), max_batch=8)
+    reqs = [dict(prompts=PROMPTS, n=1, max_new_tokens=9, temperature=0, seed=0),
+            dict(prompts=PROMPTS, n=3, max_new_tokens=12, temperature=1.0, seed=1),
+            dict(prompts=[PROMPTS[2], [7, 8, 9]], n=2, max_new_tokens=5, temperature=0.7, seed=2)]
+    stop = [s.generate(PROMPTS, max_new_tokens=8, temperature=0)[1]["tokens"][3]]  # some rows stop early
+    alone = [s.generate(**r, stop_ids=stop) for r in reqs]
+    prefilled = []
+    packed = s._prefill_packed
+    s._prefill_packed = lambda rests, *a: prefilled.extend(map(len, rests)) or packed(rests, *a)
+    together = s.generate_many(reqs, stop_ids=stop)
+    assert len(prefilled) == len(PROMPTS) + 1  # 4 distinct prompts of requests 1-2 once, [7, 8, 9] once
+    assert any(o["length"] < 12 and not o["truncated"] for o in together[1])
+    for a, b in zip(alone, together):
+        assert [(o["prompt_index"], o["tokens"], o["truncated"]) for o in a] == \
+               [(o["prompt_index"], o["tokens"], o["truncated"]) for o in b]
+        for x, y in zip(a, b):
+            assert torch.allclose(torch.tensor(x["logprobs"]), torch.tensor(y["logprobs"]), atol=1e-5)

@@ -10,7 +10,7 @@ import eval as ev
 import experiment as ex
 import reward
 import suite
-from conftest import make_model, make_tokenizer
+from conftest import make_model, make_tokenizer, script_sampler
 
 FIX = Path(__file__).resolve().parent / "data"
 SUITE = f"suite:{FIX}"
@@ -113,21 +113,14 @@ def test_suite_table_numbers_with_a_scripted_model(monkeypatch, tmp_path):
     """The policy answers MATH-500 and AMC23 right and nothing else, the critic always says "right": Table 1's
     generation row is 100 / 0 / 0 / 100 / 0, Avg 40.0, and every critique cell 50.0."""
     import critique
-    import rollout
     recs = suite_records()
     gold = {r["question"]: r["answer"] for b in ("math500", "amc23") for r in recs[b]}
-
-    def fake_rollout(sampler, tok, records, n, **gen):
-        return [dict(q_index=q, id=r["id"], text=f"\\boxed{{{gold.get(r['question'], 'zzz')}}}", length=3,
-                     truncated=False, tokens=[], logprobs=[], prompt_ids=[]) for q, r in enumerate(records)
-                for _ in range(n)]
 
     def fake_critic(sampler, tok, pairs, m, k_ref=0, **gen):
         return [dict(pair_index=i, verdict="right", label=p["label"], length=4, truncated=False, bonus=0.0)
                 for i, p in enumerate(pairs) for _ in range(m)]
 
-    monkeypatch.setattr(rollout, "Sampler", lambda *a, **k: None)
-    monkeypatch.setattr(rollout, "first_order_rollout", fake_rollout)
+    script_sampler(monkeypatch, lambda question, request, j: f"\\boxed{{{gold.get(question, 'zzz')}}}")
     monkeypatch.setattr(critique, "second_order_rollout", fake_critic)
     crit = tmp_path / "crit.jsonl"
     write_critique_bench(crit)
