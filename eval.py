@@ -147,6 +147,9 @@ def evaluate(model, tok, args, log=print):
     """The three blocks for one model; `args` is the parsed CLI namespace (see build_parser)."""
     import rollout
     t0, sampler = time.time(), rollout.Sampler(model, max_batch=args.batch, max_len=args.max_len)
+    # plain decode attention: with 1-3 rows per prompt the shared-prompt path (for RL's n >= 4) costs more than
+    # it saves on CPU (decode 16.0 -> 14.4 s for 85 questions' greedy + 2 samples, BENCHMARKS.md "Evals")
+    sampler.share_prompts = False
     split, records = eval_records(args)
     file_pairs = (load_critique_set(args.critique_data, args.seed, args.critique_limit)  # before sampling: their
                   if args.critique_data and not args.no_critique else None)  # critiques join the first call
