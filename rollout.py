@@ -5,6 +5,8 @@
     out = sampler.generate([ids_a, ids_b], n=4, max_new_tokens=128, temperature=1.0,
                            stop_ids=default_stop_ids(tok), seed=0)
     # prompt-major: out[0..3] are prompt a's samples, out[4..7] prompt b's
+    greedy, samples = sampler.generate_many([dict(prompts=[ids_a], n=1, temperature=0),
+                                             dict(prompts=[ids_a], n=4, seed=1)])  # a prefilled once for both
 
 Why not `model.generate`? RL samples many completions of few prompts with weights the trainer updates every
 step. The `Sampler` runs the decoder itself, over the HF module's parameters in place (no copy, no weight sync):
@@ -198,6 +200,56 @@ def _packed_layout(lengths, rows, start, dev):
     row_i = r0[seg[tok_i]] + (torch.arange(len(tok_i), device=dev)
                               - torch.repeat_interleave(torch.cumsum(n_rows[seg], 0) - n_rows[seg], n_rows[seg]))
     return pos, tok_i, row_i, list(zip((ends - lens).tolist(), ends.tolist())), ends
+
+
+# ----------------------------------------------------------------------------- generate_many's requests
+
+
+def _requests(requests, max_len):
+    """generate_many's requests with generate's defaults filled in, checked, and a seed each (drawn from torch's
+    generator where None, so torch.manual_seed reproduces it)."""
+    reqs = [dict(dict(n=1, max_new_tokens=256, temperature=1.0, seed=None), **r) for r in requests]
+    for r in reqs:
+        if r["temperature"] < 0 or r["max_new_tokens"] < 1 or r["n"] < 1:
+            raise ValueError("need temperature >= 0, max_new_tokens >= 1, n >= 1")
+        for p in r["prompts"]:
+            if not 0 < len(p) < max_len:
+                raise ValueError(f"prompt length {len(p)} must be in 1..{max_len - 1} (Sampler max_len)")
+        if r["seed"] is None:
+            r["seed"] = int(torch.randint(0, 2**62, (1,)))
+    return reqs
+
+
+def _plan(reqs, max_batch):
+    """(the distinct prompts, chunks): every row as (distinct prompt, request, its row index there), a distinct
+    prompt's rows together (first seen first), whole prompts per chunk of <= max_batch rows where they fit."""
+    uniq, blocks = {}, []
+    for q, r in enumerate(reqs):
+        for p, ids in enumerate(r["prompts"]):
+            g = uniq.setdefault(tuple(ids), len(uniq))
+            if g == len(blocks):
+                blocks.append([])
+            blocks[g] += [(g, q, p * r["n"] + j) for j in range(r["n"])]
+    chunks = [[]]
+    for block in blocks:
+        for i in range(0, len(block), max_batch):  # a prompt with more rows than max_batch is split
+            piece = block[i:i + max_batch]
+            if chunks[-1] and len(chunks[-1]) + len(piece) > max_batch:
+                chunks.append([])
+            chunks[-1] += piece
+    return [list(ids) for ids in uniq], chunks
+
+
+def _uniforms(reqs, req, draw, t):
+    """Decode step t's uniform (A,) fp64 of rows from requests `req` (A,) with row indices `draw` (A,) there:
+    U(seed, t)[j] of the row's request, so a row draws the same whatever else shares its call or chunk."""
+    u = torch.zeros(len(req), dtype=torch.float64, device=req.device)
+    for q in req.unique().tolist():
+        r, mine = reqs[q], req == q
+        gen = torch.Generator().manual_seed(hash((r["seed"], t)) & (2**63 - 1))  # tuples of ints: stable hashes
+        u[mine] = torch.rand(len(r["prompts"]) * r["n"], dtype=torch.float64, generator=gen)[draw[mine].cpu()].to(
+            req.device)
+    return u
 
 
 # ----------------------------------------------------------------------------- the sampler
@@ -493,47 +545,24 @@ class Sampler:
         would return. Why: an eval's greedy answers, its samples and its critiques of a fixed set are independent;
         in one call a prompt asked for by several requests is prefilled once (its rows share its KV), and the rows
         decode in bigger batches. Row j of a request draws the uniforms generate() would give it (U(seed, t)[j])."""
-        reqs = [dict(dict(n=1, max_new_tokens=256, temperature=1.0, seed=None), **r) for r in requests]
-        for r in reqs:
-            if r["temperature"] < 0 or r["max_new_tokens"] < 1 or r["n"] < 1:
-                raise ValueError("need temperature >= 0, max_new_tokens >= 1, n >= 1")
-            for p in r["prompts"]:
-                if not 0 < len(p) < self.max_len:
-                    raise ValueError(f"prompt length {len(p)} must be in 1..{self.max_len - 1} (Sampler max_len)")
-            if r["seed"] is None:  # so torch.manual_seed reproduces it
-                r["seed"] = int(torch.randint(0, 2**62, (1,)))
+        reqs = _requests(requests, self.max_len)
         if not 0 < top_p <= 1 or top_k < 0:
             raise ValueError("need 0 < top_p <= 1, top_k >= 0")
         device = self.model.lm_head.weight.device
         stop = torch.tensor(sorted(set(stop_ids or [])), dtype=torch.long, device=device)
-        # every row as (distinct prompt, request, its row index there), grouped by distinct prompt (first seen first)
-        uniq, blocks = {}, []
-        for q, r in enumerate(reqs):
-            for p, ids in enumerate(r["prompts"]):
-                g = uniq.setdefault(tuple(ids), len(uniq))
-                if g == len(blocks):
-                    blocks.append([])
-                blocks[g] += [(g, q, p * r["n"] + j) for j in range(r["n"])]
-        self.stats = dict(prefill_s=0.0, decode_s=0.0, tokens=0, rows=sum(map(len, blocks)))
+        prompts, chunks = _plan(reqs, self.max_batch)
+        self.stats = dict(prefill_s=0.0, decode_s=0.0, tokens=0, rows=sum(map(len, chunks)))
         self.flash = self._use_flash()  # decided once per call, not per decode step
         if not self._told and os.environ.get("RANK", "0") == "0":  # once, on one rank
             print(f"[gcrl] sampler attention: {self.attention_path()}", file=sys.stderr)
             self._told = True
-        chunks = [[]]  # whole prompts per chunk where they fit; a prompt with more rows than max_batch is split
-        for block in blocks:
-            for i in range(0, len(block), self.max_batch):
-                piece = block[i:i + self.max_batch]
-                if chunks[-1] and len(chunks[-1]) + len(piece) > self.max_batch:
-                    chunks.append([])
-                chunks[-1] += piece
         outs = [[None] * (len(r["prompts"]) * r["n"]) for r in reqs]
         total, done = self.stats["rows"], 0
         if progress:
             progress(0, total)
         with self._weights():
             for chunk in chunks:
-                for (_, q, j), o in zip(chunk, self._generate_chunk([list(ids) for ids in uniq], chunk, reqs, top_p,
-                                                                    top_k, stop)):
+                for (_, q, j), o in zip(chunk, self._generate_chunk(prompts, chunk, reqs, top_p, top_k, stop)):
                     outs[q][j] = dict(o, prompt_index=j // reqs[q]["n"])
                 done += len(chunk)
                 if progress:
@@ -561,13 +590,7 @@ class Sampler:
         share = self._share_info(state.group, state.plen, T)
         for t in range(int(max_new.max())):
             def uniforms(t=t):  # (A,) fp64 of the live rows, drawn only when some row samples
-                u, live = torch.zeros(len(state.row), dtype=torch.float64, device=device), state.row
-                for q in req[live].unique().tolist():
-                    r, mine = reqs[q], req[live] == q
-                    gen = torch.Generator().manual_seed(hash((r["seed"], t)) & (2**63 - 1))  # ints: stable hashes
-                    u[mine] = torch.rand(len(r["prompts"]) * r["n"], dtype=torch.float64,
-                                         generator=gen)[draw[live[mine]].cpu()].to(device)
-                return u
+                return _uniforms(reqs, req[state.row], draw[state.row], t)
             tok, lp = _sample(logits, temps[state.row], top_p, top_k, uniforms)
             done = state.record(t, tok, lp, stop)
             if done is not None:  # drop the finished rows from the batch
