@@ -92,12 +92,15 @@ class Runtime:
         self.sharding = sharding(self.accelerator)
         self.deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
 
-    def close(self, trackers=False):
+    def close(self, trackers=False, ok=True):
         """End the run: the trackers' files, then the process group (stops gloo / NCCL's threads before the
-        interpreter exits; left running, a rank can abort in teardown)."""
+        interpreter exits; left running, a rank can abort in teardown). `ok` (no exception): first wait for every
+        rank, so none tears down while another is still in a collective (its final save)."""
         if trackers:
             self.accelerator.end_training()
         if torch.distributed.is_initialized():
+            if ok:
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
     def print(self, *args):  # rank 0 only

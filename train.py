@@ -478,7 +478,7 @@ def main(argv=None):
                         break
     finally:
         bar.close()
-        runtime.close(trackers=args.report_to != "none")
+        runtime.close(trackers=args.report_to != "none", ok=sys.exc_info()[0] is None)
     if trainer.step == args.max_steps:
         runtime.print(f"[gcrl] done: {args.max_steps} steps; model in {trainer.out / 'final'}")
     return str(trainer.out)
