@@ -122,20 +122,30 @@ def _attention(q, k, v, mask, scale):
     return torch.matmul(torch.exp(s - lse[..., None]).to(v.dtype), v), lse
 
 
-def _sample(logits, temps, top_p, top_k, u):
-    """logits (A, V) fp32, temps (A,) fp32 per row (0 = greedy) -> (tokens (A,), log-probs (A,) fp32):
-    log_softmax(logits / T) of the chosen token, before top-k / top-p filtering; greedy rows report them at T = 1.
-    `u()`: each row's uniform (A,) fp64, called only if a row samples."""
-    greedy = temps == 0
-    if bool(greedy.all()):
-        tok = logits.argmax(-1)
-        return tok, torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0]
-    if bool(greedy.any()):  # a mixed batch (Sampler.generate_many): each part on its own, then put together
-        tok, lp = torch.empty_like(temps, dtype=torch.long), torch.empty_like(temps)
-        for part in (greedy, ~greedy):
-            tok[part], lp[part] = _sample(logits[part], temps[part], top_p, top_k, lambda part=part: u()[part])
-        return tok, lp
-    logits = logits / temps[:, None] if bool((temps != 1).any()) else logits
+def _sample(logits, temperature, top_p, top_k, u):
+    """logits (A, V) fp32 -> (tokens (A,), log-probs (A,) fp32): log_softmax(logits / T) of the chosen token,
+    before top-k / top-p filtering; greedy (T = 0) reports them at T = 1. `temperature`: one float for every row, or
+    (A,) per row (a generate_many chunk mixing requests). `u()`: each row's uniform (A,) fp64, drawn only to sample."""
+    if not torch.is_tensor(temperature):
+        return _greedy(logits) if temperature == 0 else _draw(logits, temperature, top_p, top_k, u())
+    tok, lp = torch.empty_like(temperature, dtype=torch.long), torch.empty_like(temperature)
+    greedy = temperature == 0
+    if bool(greedy.any()):
+        tok[greedy], lp[greedy] = _greedy(logits[greedy])
+    if not bool(greedy.all()):
+        s = ~greedy
+        tok[s], lp[s] = _draw(logits[s], temperature[s][:, None], top_p, top_k, u()[s])
+    return tok, lp
+
+
+def _greedy(logits):
+    tok = logits.argmax(-1)
+    return tok, torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0]
+
+
+def _draw(logits, temperature, top_p, top_k, u):
+    """One sampled token per row at `temperature` (a float or (A, 1)), `u` (A,) the rows' uniforms."""
+    logits = logits / temperature if torch.is_tensor(temperature) or temperature != 1 else logits
     probs, filt = torch.softmax(logits, -1), logits  # (A, V) fp32
     if 0 < top_k < logits.shape[-1]:
         filt = filt.masked_fill(filt < torch.topk(logits, top_k, dim=-1).values[:, -1:], -math.inf)
@@ -144,7 +154,7 @@ def _sample(logits, temps, top_p, top_k, u):
         p = torch.softmax(srt, -1)
         drop = (p.cumsum(-1) - p) >= top_p
         filt = filt.masked_fill(torch.zeros_like(drop).scatter_(1, idx, drop), -math.inf)
-    tok = _inverse_cdf(probs if filt is logits else torch.softmax(filt, -1), u())
+    tok = _inverse_cdf(probs if filt is logits else torch.softmax(filt, -1), u)
     return tok, torch.log(probs.gather(1, tok[:, None]))[:, 0]
 
 
@@ -577,7 +587,8 @@ class Sampler:
         group = torch.tensor([g for g, _, _ in chunk], device=device)
         req = torch.tensor([q for _, q, _ in chunk], device=device)
         draw = torch.tensor([j for _, _, j in chunk], device=device)
-        temps = torch.tensor([reqs[q]["temperature"] for _, q, _ in chunk], dtype=torch.float32, device=device)
+        temps = [reqs[q]["temperature"] for _, q, _ in chunk]  # one value (generate(), RL): a float, no per-row work
+        temps = temps[0] if len(set(temps)) == 1 else torch.tensor(temps, dtype=torch.float32, device=device)
         max_new = torch.tensor([reqs[q]["max_new_tokens"] for _, q, _ in chunk], device=device)
         plen = torch.tensor([len(prompts[g]) for g, _, _ in chunk], device=device)
         T = min(self.max_len, int((plen + max_new).max()))
@@ -591,7 +602,7 @@ class Sampler:
         for t in range(int(max_new.max())):
             def uniforms(t=t):  # (A,) fp64 of the live rows, drawn only when some row samples
                 return _uniforms(reqs, req[state.row], draw[state.row], t)
-            tok, lp = _sample(logits, temps[state.row], top_p, top_k, uniforms)
+            tok, lp = _sample(logits, temps[state.row] if torch.is_tensor(temps) else temps, top_p, top_k, uniforms)
             done = state.record(t, tok, lp, stop)
             if done is not None:  # drop the finished rows from the batch
                 if state.keep(~done) == 0:
