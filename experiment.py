@@ -363,8 +363,11 @@ def run_grid(args):
               f"$ {shlex.join(step['argv'])}", flush=True)
         if args.dry_run:
             continue
+        trace = _sft_trace(step) if step["name"] == "sft train" else None
         res = launch(step["argv"], step["log"], step["name"])
         record_run(step, res)
+        if trace and res["rc"] == 0:
+            same_cold_start(step, trace)
         if res["interrupted"]:
             raise ExperimentError(f"interrupted during {step['name']} (log {step['log']}); rerun the same command "
                                   "to continue: finished runs are skipped, a checkpointed one resumes")
@@ -377,6 +380,42 @@ def run_grid(args):
         print(f"[experiment] done {step['name']}: {res['wall_s']:.0f} s, peak RSS {res['peak_rss_mib'] / 1024:.1f} GiB",
               flush=True)
         prune_checkpoints(step)
+
+
+def _sft_trace(step):
+    """The committed SFT metrics of a cold start that results were already made from (its eval exists), or None.
+    Its per-step losses and grad norms identify it once its weights are gone (models are not committed)."""
+    sft = step["record"].parent
+    if not (sft / "eval.json").is_file() or not (sft / "metrics.jsonl").is_file():
+        return None
+    return (sft / "metrics.jsonl").read_text()
+
+
+def same_cold_start(step, old_text):
+    """A cold start retrained for a clone must be the one the finished runs came from: a run from another one
+    would be compared, seed by seed, with runs from a different model. Same seed and data give the same weights
+    on one machine; another CPU (or bf16 kernel) need not. If it differs, keep the old record, drop the new
+    weights and stop."""
+    sft = step["record"].parent
+
+    def rows(text):  # (step, loss, grad_norm) of each logged step
+        return [(r.get("step"), r.get("loss"), r.get("grad_norm"))
+                for r in map(json.loads, filter(str.strip, text.splitlines()))]
+
+    new_text = (sft / "metrics.jsonl").read_text()
+    old, new = rows(old_text), rows(new_text)
+    if old == new:
+        return
+    i = next((i for i, (o, n) in enumerate(zip(old, new)) if o != n), min(len(old), len(new)))
+    diff = [r[i] if i < len(r) else "no such step" for r in (old, new)]
+    (sft / "metrics.retrained.jsonl").write_text(new_text)
+    (sft / "metrics.jsonl").write_text(old_text)
+    shutil.rmtree(sft / "final", ignore_errors=True)
+    raise ExperimentError(
+        f"the retrained cold start is not the one this grid's results came from: {sft}/metrics.jsonl has (step, "
+        f"loss, grad_norm) {diff[0]}, the retrain {diff[1]} (kept in {sft}/metrics.retrained.jsonl; its weights "
+        f"deleted). Runs from it would not be comparable with the finished ones. Restore the original {sft}/final "
+        "(train.py --out), or start the grid again in a new DIR")
 
 
 def prune_checkpoints(step, dry_run=False):

@@ -1,6 +1,7 @@
 """experiment.py: the method table's train.py command lines, resuming a grid, the report from hand-written run
 dirs, the statistics against hand-computed values, and one tiny grid through real subprocesses."""
 import json
+import shutil
 import sys
 
 import pytest
@@ -186,6 +187,45 @@ def test_a_fresh_clone_with_only_the_results_resumes(tmp_path, monkeypatch):
     assert launched == []
     assert ex.main([str(root), "--methods", "g,gc", "--seeds", "0,1"]) == 0
     assert launched == ["sft train", "g/seed1 train", "g/seed1 eval", "gc/seed1 train", "gc/seed1 eval"]
+
+
+def test_a_retrained_cold_start_that_differs_stops_the_grid(tmp_path, monkeypatch, capsys):
+    """A clone retrains the cold start for a new seed; on another machine it can come out different (bf16
+    kernels differ), and runs from it would be paired with runs from the old one. Its SFT losses must equal the
+    committed ones, or the grid stops before any run uses it, keeping the old record."""
+    root = tmp_path / "grid"
+    for f in ("cold_start.jsonl", "critique_test.jsonl"):
+        write(root / f, "{}")
+    for d in ("sft", "gc/seed0"):
+        write(root / d / "eval.json", fake_eval([1, 0], CRIT4))
+    committed = '{"step": 1, "loss": 1.677729, "grad_norm": 6.78}\n{"step": 2, "loss": 1.17, "grad_norm": 4.8}\n'
+    write(root / "sft/metrics.jsonl", committed)
+    retrain = {"text": committed}
+    launched = []
+
+    def fake_launch(argv, log, label):
+        launched.append(label)
+        if label == "sft train":
+            write(root / "sft/metrics.jsonl", retrain["text"])
+            write(root / "sft/final/config.json", "{}")
+        return dict(rc=0, wall_s=1.0, peak_rss_mib=1.0, interrupted=False)
+
+    monkeypatch.setattr(ex, "launch", fake_launch)
+    # the same losses: the same cold start, the grid goes on
+    assert ex.main([str(root), "--methods", "gc", "--seeds", "0,1"]) == 0
+    assert launched == ["sft train", "gc/seed1 train", "gc/seed1 eval"]
+    # other losses at step 1: stopped before gc/seed2 trains, naming the step; old record kept, new weights gone
+    shutil.rmtree(root / "sft/final")
+    launched.clear()
+    retrain["text"] = committed.replace("1.677729", "1.677953")
+    assert ex.main([str(root), "--methods", "gc", "--seeds", "0,1,2"]) == 1
+    err = capsys.readouterr().err
+    assert launched == ["sft train"]
+    assert "not the one this grid's results came from" in err and "(1, 1.677729, 6.78)" in err
+    assert "(1, 1.677953, 6.78)" in err and "new DIR" in err
+    assert (root / "sft/metrics.jsonl").read_text() == committed
+    assert "1.677953" in (root / "sft/metrics.retrained.jsonl").read_text()
+    assert not (root / "sft/final").exists()
 
 
 def test_failed_run_stops_the_grid_naming_its_log(tmp_path, monkeypatch, capsys):
