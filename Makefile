@@ -20,15 +20,16 @@ setup: $(STAMP)  ## create .venv and install everything
 
 # The runs below all go through experiment.py (one process per training / eval run; resumable: a rerun skips what
 # is done). Sizing shared by every target, for a 2-core CPU: arith level 1, 4 questions x 4 responses and 4 pairs
-# x 4 critiques per step, 96/128 new tokens, bf16. These are experiment.py's defaults, spelled out so they change
+# x 4 critiques per step, 96/128 new tokens, bf16 where the CPU has it natively (AVX512-BF16 / AMX; else fp32:
+# emulated bf16 is ~30x slower). These are experiment.py's defaults, spelled out so they change
 # in one place. Scale up on a GPU: raise RL_STEPS, --questions, --train-limit, LIMIT and drop --dtype bf16 caps.
-CPU_RUN := --data arith:1 --k 2 --max-new-tokens 96 --critique-max-new-tokens 128 --dtype bf16 --train-limit 256 \
+CPU_RUN := --data arith:1 --k 2 --max-new-tokens 96 --critique-max-new-tokens 128 --dtype auto --train-limit 256 \
   --cold-start-n 128 --sft-steps 24 --sft-batch 8 --sft-lr 5e-5 --questions 4 --rl-lr 5e-6
 # --grad-accum 4: each update in at most 4 micro-batches of similar lengths: the same update with a quarter
 # of the activations alive and less padding. 10 GC-RL steps alone from the demo's cold start, one row per
 # sequence: --grad-accum 2 peaked at 9.4 GiB resident, 26.5 s per step; --grad-accum 4 at 6.2 GiB, 22.3 s per
 # step (1: 9.4 GiB in 4 steps).
-CPU_TRAIN := --mixed-precision bf16 --num-generations 4 --pairs-per-step 4 --critiques-per-pair 4 \
+CPU_TRAIN := --mixed-precision auto --num-generations 4 --pairs-per-step 4 --critiques-per-pair 4 \
   --static-questions 32 --static-k 4 --grad-accum 4
 # knobs, e.g. `make experiment RL_STEPS=40 SEEDS=0,1,2,3,4`; EXTRA: more experiment.py flags
 # (e.g. EXTRA="--gsm8k-dir DIR --train-args --beta 1e-3"). One DIR needs the same sizes for every run.

@@ -15,8 +15,32 @@ SIZES = ["--mixed-precision", "bf16", "--num-generations", "4", "--pairs-per-ste
          "--static-k", "4", "--grad-accum", "4", "--prompt-style", "plain"]
 
 
-def parse(root, *argv):
-    return ex.build_parser().parse_args([str(root)] + list(argv))
+def parse(root, *argv):  # bf16 spelled out: "auto" depends on the machine (test_auto_precision below)
+    return ex.build_parser().parse_args([str(root), "--dtype", "bf16", "--mixed-precision", "bf16"] + list(argv))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it(tmp_path, monkeypatch, capsys, native):
+    """On a CPU without AVX512-BF16 / AMX, bf16 is emulated (~30x slower than fp32): auto means fp32 there.
+    Explicit flags are kept; a grid run in bf16 is not continued in fp32 (its settings say which)."""
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    args = ex.build_parser().parse_args([str(tmp_path)])
+    assert (args.dtype, args.mixed_precision) == ("auto", "auto")
+    ex.resolve_auto_precision(args)
+    assert (args.dtype, args.mixed_precision) == (("bf16", "bf16") if native else ("fp32", "no"))
+    explicit = ex.build_parser().parse_args([str(tmp_path), "--dtype", "bf16", "--mixed-precision", "bf16"])
+    ex.resolve_auto_precision(explicit)
+    assert (explicit.dtype, explicit.mixed_precision) == ("bf16", "bf16")
+    write(tmp_path / "grid.json", json.dumps({"settings": {k: v for k, v in vars(explicit).items()
+                                                           if k not in ex.NOT_SETTINGS}}))
+    rc = ex.main([str(tmp_path), "--methods", "gc", "--dry-run"])
+    if native:
+        assert rc == 0
+    else:
+        assert rc == 1 and "--dtype 'bf16' then, 'fp32' now" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- command lines
