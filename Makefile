@@ -47,7 +47,7 @@ DEMO_STEPS ?= 10
 # DEMO_SEEDS=0,1,2,3,4,5,6,7 DEMO=runs/demo-seeds: the demo's settings over 8 seeds (collapsed critics per seed in
 # its results.md)
 DEMO_SEEDS ?= 0
-demo: setup  ## the main job: base -> cold start -> GC-RL, before/after table (runs/demo/results.md). CPU, ~12 min
+demo: setup  ## the main job: base -> cold start -> GC-RL, before/after table (runs/demo/results.md). CPU: ~11 min with native bf16, ~29 min in fp32
 	$(BIN)/python experiment.py $(DEMO) --methods gc --seeds $(DEMO_SEEDS) --with-base --rl-steps $(DEMO_STEPS) --limit 32 \
 	  --critique-questions 32 --k-ref 0 $(CPU_RUN) $(CPU_TRAIN)
 
