@@ -192,9 +192,9 @@ def plan(args):
     evals = ["eval"] + (["eval-gsm8k"] if args.gsm8k_dir else [])
     steps = []
 
-    def add(name, argv, done, log, run, key, prune=None):
+    def add(name, argv, done, log, run, key, prune=None, committed=None):
         steps.append(dict(name=name, argv=argv, done=done, log=Path(log), record=Path(run) / "run.json", key=key,
-                          prune=prune))
+                          prune=prune, committed=committed))
 
     def add_evals(tag, model, run):
         for e in evals:
@@ -215,7 +215,7 @@ def plan(args):
     for pre in suite.pre_steps(args, cold_start_path(args)) if not sft_done else []:  # --teacher: distillation
         add(**pre)
     add("sft train", sft_argv(args, resume=not sft_done and _checkpointed(sft)), sft_done, sft / "train.log", sft,
-        "train")
+        "train", committed=None if sft_done else committed_sft(sft))
     crit = root / "critique_test.jsonl"
     add("critique test set", suite.critique_set_argv(args) or critique_set_argv(args), crit.is_file(),
         root / "critique_test.log", sft, "critique-set")
@@ -327,8 +327,8 @@ NOT_SETTINGS = {"dir", "methods", "seeds", "with_base", "dry_run", "report", "gs
 def resolve_auto_precision(args):
     """--dtype / --mixed-precision auto -> bf16 where the training device computes it natively (a CUDA GPU with
     bf16; a CPU with AVX512-BF16 or AMX), else fp32. A CPU without them emulates bf16: on an AVX2 EPYC a bf16
-    matmul took 31x an fp32 one (817 vs 26 ms, 512x576 @ 576x1536), where a CPU with them runs bf16 ~4x faster.
-    Resolved before the grid's settings are compared, so one DIR never mixes the two."""
+    matmul took 28.5x an fp32 one (745 vs 26 ms, 512x576 @ 576x1536, one thread), where a CPU with them runs
+    bf16 ~4x faster. Resolved before the grid's settings are compared, so one DIR never mixes the two."""
     if "auto" not in (args.dtype, args.mixed_precision):
         return
     import torch
@@ -385,11 +385,10 @@ def run_grid(args):
               f"$ {shlex.join(step['argv'])}", flush=True)
         if args.dry_run:
             continue
-        trace = _sft_trace(step) if step["name"] == "sft train" else None
         res = launch(step["argv"], step["log"], step["name"])
         record_run(step, res)
-        if trace and res["rc"] == 0:
-            same_cold_start(step, trace)
+        if step["committed"] and res["rc"] == 0:
+            same_cold_start(step["record"].parent, step["committed"])
         if res["interrupted"]:
             raise ExperimentError(f"interrupted during {step['name']} (log {step['log']}); rerun the same command "
                                   "to continue: finished runs are skipped, a checkpointed one resumes")
@@ -404,34 +403,29 @@ def run_grid(args):
         prune_checkpoints(step)
 
 
-def _sft_trace(step):
-    """The committed SFT metrics of a cold start that results were already made from (its eval exists), or None.
-    Its per-step losses and grad norms identify it once its weights are gone (models are not committed)."""
-    sft = step["record"].parent
+def committed_sft(sft):
+    """The SFT metrics rows of a cold start that results were already made from (its eval exists), or None.
+    Their per-step losses and grad norms identify it once its weights are gone (models are not committed)."""
     if not (sft / "eval.json").is_file() or not (sft / "metrics.jsonl").is_file():
         return None
-    return (sft / "metrics.jsonl").read_text()
+    return data.read_jsonl(sft / "metrics.jsonl", "the cold start's metrics")
 
 
-def same_cold_start(step, old_text):
+def same_cold_start(sft, committed):
     """A cold start retrained for a clone must be the one the finished runs came from: a run from another one
     would be compared, seed by seed, with runs from a different model. Same seed and data give the same weights
     on one machine; another CPU (or bf16 kernel) need not. If it differs, keep the old record, drop the new
     weights and stop."""
-    sft = step["record"].parent
+    def trace(rows):  # (step, loss, grad_norm) of each logged step
+        return [(r.get("step"), r.get("loss"), r.get("grad_norm")) for r in rows]
 
-    def rows(text):  # (step, loss, grad_norm) of each logged step
-        return [(r.get("step"), r.get("loss"), r.get("grad_norm"))
-                for r in map(json.loads, filter(str.strip, text.splitlines()))]
-
-    new_text = (sft / "metrics.jsonl").read_text()
-    old, new = rows(old_text), rows(new_text)
+    old, new = trace(committed), trace(data.read_jsonl(sft / "metrics.jsonl"))
     if old == new:
         return
     i = next((i for i, (o, n) in enumerate(zip(old, new)) if o != n), min(len(old), len(new)))
     diff = [r[i] if i < len(r) else "no such step" for r in (old, new)]
-    (sft / "metrics.retrained.jsonl").write_text(new_text)
-    (sft / "metrics.jsonl").write_text(old_text)
+    os.replace(sft / "metrics.jsonl", sft / "metrics.retrained.jsonl")
+    data.write_jsonl(sft / "metrics.jsonl", committed)
     shutil.rmtree(sft / "final", ignore_errors=True)
     raise ExperimentError(
         f"the retrained cold start is not the one this grid's results came from: {sft}/metrics.jsonl has (step, "
